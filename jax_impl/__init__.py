@@ -1,0 +1,29 @@
+"""carryover's JAX/Flax side: torch.nn.LSTM semantics as pure cells, a scan driver and Flax modules."""
+
+from .cells import (
+    ConvLSTMCell,
+    ConvLSTMWeights,
+    LSTMCell,
+    LSTMWeights,
+    convlstm_step,
+    lstm_step,
+)
+from .modules import LSTM, ConvLSTM
+from .scan import run_stack, scan_direction
+from .stateful import Stateful, bucket_length, stream_step
+
+__all__ = [
+    "LSTM",
+    "ConvLSTM",
+    "LSTMCell",
+    "ConvLSTMCell",
+    "LSTMWeights",
+    "ConvLSTMWeights",
+    "lstm_step",
+    "convlstm_step",
+    "scan_direction",
+    "run_stack",
+    "Stateful",
+    "stream_step",
+    "bucket_length",
+]

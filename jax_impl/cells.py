@@ -1,0 +1,338 @@
+"""The cell math, once, as pure functions of arrays — and the Flax cells that hold their weights.
+
+Gate order is torch's: i, f, g, o. Both biases are kept apart (``ih_bias`` and ``hh_bias``) as in
+torch, so conversion is lossless and gradients match parameter by parameter.
+
+Kernels are stored the Flax way, ``(in, out)`` for the LSTM and ``HWIO`` for the ConvLSTM; the
+torch layouts are their transposes (see ``parity.mapping``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+Carry = tuple[Array, Array]  # (h, c), torch's order
+PrecisionLike = Any
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+class LSTMWeights(NamedTuple):
+    """One LSTM layer-direction's parameters (H = hidden_size, P = proj_size or H)."""
+
+    ih_kernel: Array  # (F, 4H)
+    hh_kernel: Array  # (P, 4H)
+    ih_bias: Optional[Array] = None  # (4H,)
+    hh_bias: Optional[Array] = None  # (4H,)
+    proj_kernel: Optional[Array] = None  # (H, P)
+
+
+class ConvLSTMWeights(NamedTuple):
+    """One ConvLSTM layer's parameters, channels-last (HWIO kernels)."""
+
+    ih_kernel: Array  # (kh, kw, C_in, 4H)
+    hh_kernel: Array  # (kh, kw, H, 4H)
+    ih_bias: Optional[Array] = None  # (4H,)
+    hh_bias: Optional[Array] = None  # (4H,)
+
+
+# ----------------------------------------------------------------------------------- math
+
+
+def _gates_to_carry(gates: Array, c: Array) -> Carry:
+    """torch's LSTM update from pre-activations ``gates`` (..., 4H) split i, f, g, o."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+def lstm_step(
+    weights: LSTMWeights, carry: Carry, x: Array, precision: PrecisionLike = None
+) -> tuple[Carry, Array]:
+    """One torch.nn.LSTM step.
+
+    Arguments:
+        weights: the layer's ``LSTMWeights``.
+        carry: ``(h, c)``, shapes ``(..., P)`` and ``(..., H)``.
+        x: the input, ``(..., F)``.
+        precision: matmul precision (``jax.lax.Precision``), None for the backend default.
+
+    Returns:
+        ``((h, c), h)``: the new carry and the step's output (``h``, projected when proj_size).
+    """
+    h, c = carry
+    gates_x = jnp.dot(x, weights.ih_kernel, precision=precision)  # (..., 4H)
+    gates_h = jnp.dot(h, weights.hh_kernel, precision=precision)  # (..., 4H)
+    if weights.ih_bias is not None:
+        # torch adds each bias to its own product: (x W_ih + b_ih) + (h W_hh + b_hh)
+        gates_x = gates_x + weights.ih_bias
+        gates_h = gates_h + weights.hh_bias
+    h, c = _gates_to_carry(gates_x + gates_h, c)
+    if weights.proj_kernel is not None:
+        h = jnp.dot(h, weights.proj_kernel, precision=precision)  # (..., P)
+    return (h, c), h
+
+
+def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """torch's ``padding='same'`` rule: total ``d*(k-1)``, the smaller half first."""
+    pads = []
+    for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def _conv(x: Array, kernel: Array, dilation: Sequence[int], precision: PrecisionLike) -> Array:
+    padding = same_padding(kernel.shape[:2], dilation)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=padding,
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
+
+
+def convlstm_step(
+    weights: ConvLSTMWeights,
+    carry: Carry,
+    x: Array,
+    dilation: Sequence[int] = (1, 1),
+    precision: PrecisionLike = None,
+) -> tuple[Carry, Array]:
+    """One ConvLSTM step: the LSTM update with 'same' convolutions in place of matmuls.
+
+    Arguments:
+        weights: the layer's ``ConvLSTMWeights``.
+        carry: ``(h, c)``, each ``(B, H, W, hidden)``.
+        x: the input, ``(B, H, W, C_in)``.
+        dilation: the kernels' dilation, a pair.
+        precision: convolution precision, None for the backend default.
+
+    Returns:
+        ``((h, c), h)``.
+    """
+    h, c = carry
+    gates_x = _conv(x, weights.ih_kernel, dilation, precision)  # (B, H, W, 4H)
+    gates_h = _conv(h, weights.hh_kernel, dilation, precision)
+    if weights.ih_bias is not None:
+        gates_x = gates_x + weights.ih_bias
+        gates_h = gates_h + weights.hh_bias
+    h, c = _gates_to_carry(gates_x + gates_h, c)
+    return (h, c), h
+
+
+# ----------------------------------------------------------------------------------- params
+
+
+def torch_uniform(bound: float):
+    """torch's RNN initialisation: every parameter uniform in [-bound, bound]."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def declare_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype) -> Array:
+    """``module.param`` that names the mismatch when stored weights don't fit the input."""
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if tuple(stored.shape) != tuple(shape):
+            raise ValueError(
+                f"parameter {'/'.join(module.path + (name,))} has shape {tuple(stored.shape)}, "
+                f"expected {tuple(shape)} for this input"
+            )
+    return module.param(name, init, shape, dtype)
+
+
+def declare_lstm_weights(
+    module: nn.Module,
+    in_features: int,
+    hidden_size: int,
+    proj_size: int,
+    use_bias: bool,
+    param_dtype,
+) -> LSTMWeights:
+    """Creates (or fetches) one layer-direction's LSTM parameters in ``module``'s scope."""
+    init = torch_uniform(1.0 / math.sqrt(hidden_size))
+    h_out = proj_size or hidden_size
+    gates = 4 * hidden_size
+    return LSTMWeights(
+        ih_kernel=declare_param(module, "ih_kernel", init, (in_features, gates), param_dtype),
+        hh_kernel=declare_param(module, "hh_kernel", init, (h_out, gates), param_dtype),
+        ih_bias=declare_param(module, "ih_bias", init, (gates,), param_dtype) if use_bias else None,
+        hh_bias=declare_param(module, "hh_bias", init, (gates,), param_dtype) if use_bias else None,
+        proj_kernel=(
+            declare_param(module, "proj_kernel", init, (hidden_size, proj_size), param_dtype)
+            if proj_size
+            else None
+        ),
+    )
+
+
+def declare_convlstm_weights(
+    module: nn.Module,
+    in_channels: int,
+    hidden_channels: int,
+    kernel_size: tuple[int, int],
+    use_bias: bool,
+    param_dtype,
+) -> ConvLSTMWeights:
+    """Creates (or fetches) one ConvLSTM layer's parameters in ``module``'s scope.
+
+    Initialisation: uniform ±1/sqrt(hidden_channels * kh * kw) — nn.LSTM's rule with the
+    kernel's spatial fan-in, the same as ``torch_impl.ConvLSTM2d``.
+    """
+    kh, kw = kernel_size
+    init = torch_uniform(1.0 / math.sqrt(hidden_channels * kh * kw))
+    gates = 4 * hidden_channels
+    return ConvLSTMWeights(
+        ih_kernel=declare_param(module, "ih_kernel", init, (kh, kw, in_channels, gates), param_dtype),
+        hh_kernel=declare_param(
+            module, "hh_kernel", init, (kh, kw, hidden_channels, gates), param_dtype
+        ),
+        ih_bias=declare_param(module, "ih_bias", init, (gates,), param_dtype) if use_bias else None,
+        hh_bias=declare_param(module, "hh_bias", init, (gates,), param_dtype) if use_bias else None,
+    )
+
+
+def cast_weights(weights, dtype):
+    """Casts every parameter of a weights tuple to the computation ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return weights
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), weights)
+
+
+def as_pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints >= 1 as a pair; a clear error otherwise."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return pair
+
+
+def computation_dtype(dtype, x: Array, weights) -> Any:
+    """Flax's rule: the explicit ``dtype``, else the promotion of the input and the params."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    leaves = [x] + jax.tree_util.tree_leaves(weights)
+    return jnp.result_type(*leaves)
+
+
+# ----------------------------------------------------------------------------------- cells
+
+
+class LSTMCell(nn.RNNCellBase):
+    """One torch.nn.LSTMCell step (with torch.nn.LSTM's ``proj_size``), carry ``(h, c)``.
+
+    Drives with ``jax.lax.scan`` or ``flax.linen.RNN``.
+
+    Arguments:
+        hidden_size: H.
+        proj_size: P > 0 projects h to P features (torch's LSTM proj_size); 0 for none.
+        use_bias: keep torch's two biases.
+
+    Example:
+        >>> cell = LSTMCell(hidden_size=32)
+        >>> carry = cell.initialize_carry(jax.random.key(0), (8, 16))    # h, c: (8, 32)
+        >>> variables = cell.init(jax.random.key(1), carry, jnp.ones((8, 16)))
+        >>> carry, y = cell.apply(variables, carry, jnp.ones((8, 16)))   # y: (8, 32)
+    """
+
+    hidden_size: int
+    proj_size: int = 0
+    use_bias: bool = True
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, carry: Carry, x: Array) -> tuple[Carry, Array]:
+        weights = declare_lstm_weights(
+            self, x.shape[-1], self.hidden_size, self.proj_size, self.use_bias, self.param_dtype
+        )
+        dtype = computation_dtype(self.dtype, x, weights)
+        h, c = carry
+        return lstm_step(
+            cast_weights(weights, dtype),
+            (h.astype(dtype), c.astype(dtype)),
+            x.astype(dtype),
+            self.precision,
+        )
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]) -> Carry:
+        del rng  # zeros, as torch
+        batch = tuple(input_shape[:-1])
+        dtype = self.dtype or self.param_dtype
+        return (
+            jnp.zeros(batch + (self.proj_size or self.hidden_size,), dtype),
+            jnp.zeros(batch + (self.hidden_size,), dtype),
+        )
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class ConvLSTMCell(nn.RNNCellBase):
+    """One ConvLSTM step, channels-last, carry ``(h, c)`` each ``(B, H, W, hidden)``.
+
+    Example:
+        >>> cell = ConvLSTMCell(hidden_channels=16, kernel_size=3)
+        >>> carry = cell.initialize_carry(jax.random.key(0), (2, 32, 32, 3))
+        >>> variables = cell.init(jax.random.key(1), carry, jnp.ones((2, 32, 32, 3)))
+        >>> carry, y = cell.apply(variables, carry, jnp.ones((2, 32, 32, 3)))  # (2, 32, 32, 16)
+    """
+
+    hidden_channels: int
+    kernel_size: Any = 3
+    use_bias: bool = True
+    dilation: Any = 1
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, carry: Carry, x: Array) -> tuple[Carry, Array]:
+        weights = declare_convlstm_weights(
+            self,
+            x.shape[-1],
+            self.hidden_channels,
+            as_pair(self.kernel_size, "kernel_size"),
+            self.use_bias,
+            self.param_dtype,
+        )
+        dtype = computation_dtype(self.dtype, x, weights)
+        h, c = carry
+        return convlstm_step(
+            cast_weights(weights, dtype),
+            (h.astype(dtype), c.astype(dtype)),
+            x.astype(dtype),
+            as_pair(self.dilation, "dilation"),
+            self.precision,
+        )
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape: tuple[int, ...]) -> Carry:
+        del rng
+        shape = tuple(input_shape[:-1]) + (self.hidden_channels,)
+        dtype = self.dtype or self.param_dtype
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 3

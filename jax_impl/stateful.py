@@ -1,0 +1,191 @@
+"""``Stateful``: a stream that carries ``(h, c)`` from chunk to chunk under one jitted step.
+
+Chunks of any length reuse a handful of compilations: the time axis is padded up to a bucket
+length (1, 2, 3, 4, 6, 8, 12, 16, ...) and the padding masked out with ``seq_lengths``, so the
+outputs and the final carry are exactly those of the unpadded chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from .cells import Carry
+from .modules import check_carry, check_seq_lengths
+
+Array = jax.Array
+
+
+def bucket_length(num_steps: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 * 2^k) >= ``num_steps``."""
+    if num_steps <= 2:
+        return max(num_steps, 1)
+    power = 1 << (num_steps - 1).bit_length()  # smallest 2^k >= num_steps
+    three_quarters = 3 * power // 4
+    return three_quarters if three_quarters >= num_steps else power
+
+
+def stream_step(
+    module: nn.Module,
+    variables: Any,
+    carry: Carry,
+    x: Array,
+    seq_lengths: Optional[Array] = None,
+    reset: Optional[Array] = None,
+) -> tuple[Array, Carry]:
+    """The pure step of a stream: ``module.apply`` from a carry cut from the graph.
+
+    ``stop_gradient`` on the incoming carry is truncated BPTT's boundary: gradients flow
+    through this chunk only.
+    """
+    carry = jax.lax.stop_gradient(carry)
+    return module.apply(variables, x, carry, seq_lengths=seq_lengths, reset=reset)
+
+
+class Stateful:
+    """Streams a sequence through ``module`` chunk by chunk, carrying ``(h, c)`` along.
+
+    Arguments:
+        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM``.
+        variables: its variables (``{'params': ...}``).
+        carry: the initial ``(h, c)``; None starts from zeros at the first chunk.
+
+    The step is ``jax.jit(stream_step)`` with the carry donated: its buffers are reused in
+    place. ``carry`` hands out copies, so a carry you read stays valid.
+
+    Example:
+        >>> lstm = LSTM(hidden_size=64)
+        >>> variables = lstm.init(jax.random.key(0), jnp.ones((8, 16, 32)))
+        >>> stream = Stateful(lstm, variables)
+        >>> y1 = stream(jnp.ones((8, 16, 32)))        # (8, 16, 64)
+        >>> y2 = stream(jnp.ones((8, 5, 32)))         # continues; no new compile per length
+        >>> stream.reset(jnp.array([True] + [False] * 7))   # row 0 starts a new sequence
+        >>> h, c = stream.carry
+    """
+
+    def __init__(self, module: nn.Module, variables: Any, carry: Optional[Carry] = None):
+        if not hasattr(module, "time_major") or not hasattr(module, "initialize_carry"):
+            raise TypeError(
+                f"Stateful needs a jax_impl.LSTM or ConvLSTM, got {type(module).__name__}"
+            )
+        self.module = module
+        self.variables = variables
+        self._feature_rank = 3 if hasattr(module, "hidden_channels") else 1
+        self._carry: Optional[Carry] = None
+        self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
+        if carry is not None:
+            self.carry = carry
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def carry(self) -> Optional[Carry]:
+        """A copy of the carried ``(h, c)`` (None before the first chunk or after ``reset()``)."""
+        if self._carry is None:
+            return None
+        return tuple(jnp.copy(a) for a in self._carry)
+
+    @carry.setter
+    def carry(self, carry: Optional[Carry]) -> None:
+        if carry is None:
+            self._carry = None
+            return
+        if not isinstance(carry, (tuple, list)) or len(carry) != 2:
+            raise TypeError(f"carry must be a pair (h, c) or None, got {type(carry).__name__}")
+        h, c = (jnp.asarray(a) for a in carry)
+        check_carry((h, c), self.module.carry_shapes(h.shape[1:-1]), "the module's carry layout")
+        # copies: the step donates the carry, which must not delete the caller's arrays
+        self._carry = (jnp.array(h, copy=True), jnp.array(c, copy=True))
+
+    @property
+    def compilations(self) -> int:
+        """How many programs the step has compiled (one per bucket and variant)."""
+        return self.step._cache_size()
+
+    def reset(self, mask=None) -> None:
+        """Zeros the carry: all of it (``mask=None``), or the rows where a bool ``(B,)`` mask is true."""
+        if mask is None or self._carry is None:
+            if mask is not None:
+                _check_mask(mask, None)
+            self._carry = None
+            return
+        if not self._batched_carry():
+            raise ValueError("reset(mask) needs a batched stream; this stream is unbatched")
+        h, c = self._carry
+        mask = _check_mask(mask, h.shape[1])
+        # where, not multiply: a NaN in a reset row must not survive the reset
+        self._carry = tuple(
+            jnp.where(mask.reshape((1, -1) + (1,) * (a.ndim - 2)), jnp.zeros_like(a), a)
+            for a in (h, c)
+        )
+
+    def _batched_carry(self) -> bool:
+        h = self._carry[0]
+        return h.ndim == 2 + self._feature_rank
+
+    # -- streaming --------------------------------------------------------------------
+
+    def __call__(self, x: Array, *, seq_lengths=None, reset=None) -> Array:
+        """Runs one chunk and keeps the final carry for the next.
+
+        Arguments:
+            x: a chunk in the module's layout (any number of steps >= 1).
+            seq_lengths: optional ``(B,)`` valid steps per row of this chunk.
+            reset: optional bool mask in the input's layout: zero the carry before marked steps.
+
+        Returns:
+            The chunk's output, in the input's layout.
+        """
+        x = jnp.asarray(x)
+        if x.ndim not in (1 + self._feature_rank, 2 + self._feature_rank):
+            raise ValueError(
+                f"chunk has rank {x.ndim} (shape {tuple(x.shape)}), expected "
+                f"{1 + self._feature_rank} (unbatched) or {2 + self._feature_rank} (batched)"
+            )
+        batched = x.ndim == 2 + self._feature_rank
+        time_axis = 0 if (not batched or self.module.time_major) else 1
+        batch = None if not batched else x.shape[1 - time_axis]
+        num_steps = x.shape[time_axis]
+        if num_steps < 1:
+            raise ValueError(f"chunk has {num_steps} time steps, expected at least 1")
+
+        if self._carry is None:
+            spatial = tuple(x.shape[-1 - self._feature_rank + 1 : -1])
+            batch_shape = ((batch,) if batched else ()) + spatial
+            dtype = jax.eval_shape(self.module.apply, self.variables, x)[1][0].dtype
+            self._carry = self.module.initialize_carry(batch_shape, dtype)
+        elif self._batched_carry() != batched or (
+            batched and self._carry[0].shape[1] != batch
+        ):
+            carried = self._carry[0].shape[1] if self._batched_carry() else "none (unbatched)"
+            raise ValueError(
+                f"input batch {batch if batched else 'none (unbatched)'} differs from the carried "
+                f"state's batch {carried}; call reset() first"
+            )
+
+        # Always the masked program, padded or not: XLA fuses the masked and the plain scan
+        # differently (last-ulp differences), and one stream must not mix the two.
+        padded = bucket_length(num_steps)
+        lengths = np.full((batch,) if batched else (), num_steps, np.int32)
+        if seq_lengths is not None:
+            lengths = check_seq_lengths(seq_lengths, batch, num_steps).reshape(lengths.shape)
+        widths = [(0, 0)] * x.ndim
+        widths[time_axis] = (0, padded - num_steps)
+        x = jnp.pad(x, widths)
+        if reset is not None:
+            reset = jnp.pad(jnp.asarray(reset), widths[: jnp.ndim(reset)])
+        y, self._carry = self.step(self.variables, self._carry, x, lengths, reset)
+        return jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
+
+def _check_mask(mask, batch: Optional[int]) -> Array:
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"reset mask has dtype {mask.dtype}, expected bool")
+    if batch is not None and mask.shape != (batch,):
+        raise ValueError(f"reset mask has shape {mask.shape}, expected ({batch},) (carried batch)")
+    return jnp.asarray(mask)
