@@ -365,6 +365,7 @@ class ConvLSTM(nn.Module):
         num_layers: stacked layers.
         use_bias: two biases per layer, ``ih_bias`` and ``hh_bias``.
         dilation: int or pair.
+        dropout: inter-layer dropout, as for ``LSTM``.
         time_major: input ``(T, B, H, W, C)`` instead of ``(B, T, H, W, C)``.
         dtype, param_dtype, precision, unroll: as for ``LSTM``.
 
@@ -383,6 +384,7 @@ class ConvLSTM(nn.Module):
     num_layers: int = 1
     use_bias: bool = True
     dilation: Any = 1
+    dropout: float = 0.0
     time_major: bool = False
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
@@ -395,6 +397,7 @@ class ConvLSTM(nn.Module):
         _check_int(self.unroll, "unroll", 1)
         as_pair(self.kernel_size, "kernel_size")
         as_pair(self.dilation, "dilation")
+        _check_dropout(self.dropout)
         super().__post_init__()
 
     @nn.nowrap
@@ -418,13 +421,15 @@ class ConvLSTM(nn.Module):
         *,
         seq_lengths: Optional[Array] = None,
         reset: Optional[Array] = None,
+        deterministic: bool = True,
+        dropout_masks: Optional[Sequence[Array]] = None,
     ) -> tuple[Array, Carry]:
         """Runs the stack over a sequence of frames.
 
         Arguments:
             x: ``(B, T, H, W, C)``, ``(T, B, H, W, C)`` when time_major, or ``(T, H, W, C)``.
             carry: ``(h, c)``, each ``(L, B, H, W, hidden)``; None for zeros.
-            seq_lengths, reset: as for ``LSTM``.
+            seq_lengths, reset, deterministic, dropout_masks: as for ``LSTM``.
 
         Returns:
             ``(y, (h_n, c_n))``: y the last layer's h at every step, in the input's layout.
@@ -455,6 +460,9 @@ class ConvLSTM(nn.Module):
         if reset is not None:
             reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
 
+        between = None
+        if not deterministic and self.dropout > 0.0:
+            between = functools.partial(_dropout, self, self.dropout, dropout_masks, layout=layout)
         step = functools.partial(
             convlstm_step, dilation=as_pair(self.dilation, "dilation"), precision=self.precision
         )
@@ -465,6 +473,7 @@ class ConvLSTM(nn.Module):
             layout.sequence_in(x.astype(dtype)),
             lengths=lengths,
             reset=reset,
+            between_layers=between,
             unroll=self.unroll,
         )
         return layout.sequence_out(ys), layout.carry_out(carry)
