@@ -1,0 +1,9 @@
+"""carryover's parity package: lossless torch <-> JAX conversion and the comparison harness.
+
+The only package that imports both ``torch_impl`` and ``jax_impl``.
+"""
+
+from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
+from .harness import Check, Report, compare
+
+__all__ = ["to_jax", "to_torch", "stream_to_jax", "stream_to_torch", "compare", "Report", "Check"]

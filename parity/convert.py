@@ -1,0 +1,282 @@
+"""Lossless conversion between torch modules and jax_impl modules, both ways.
+
+``to_jax`` and ``to_torch`` read the same tables (``parity.mapping``): a round trip gives back
+equal state_dicts, bit for bit, dtypes included.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+import jax_impl
+import torch_impl
+
+from .mapping import SPECS, ModuleSpec, expand_rules
+
+__all__ = [
+    "to_jax",
+    "to_torch",
+    "stream_to_jax",
+    "stream_to_torch",
+    "state_to_jax",
+    "state_to_torch",
+    "spec_for_torch",
+    "spec_for_jax",
+    "torch_param_arrays",
+    "jax_params_as_torch",
+]
+
+
+def _resolve(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _unwrap_stateful(module: Any) -> Any:
+    """The recurrent module inside a torch_impl stateful module (the module itself otherwise)."""
+    return module.module if isinstance(module, torch_impl.StatefulWrapper) else module
+
+
+def spec_for_torch(module: Any) -> ModuleSpec:
+    """The mapping spec for a torch module; TypeError naming the type when unsupported."""
+    for spec in SPECS:
+        if type(module) is _resolve(spec.torch_class):
+            return spec
+    supported = ", ".join(s.torch_class for s in SPECS)
+    raise TypeError(
+        f"cannot convert a {type(module).__module__}.{type(module).__name__}; supported: "
+        f"{supported} (and torch_impl stateful modules wrapping them)"
+    )
+
+
+def spec_for_jax(module: Any) -> ModuleSpec:
+    for spec in SPECS:
+        if type(module) is _resolve(spec.jax_class):
+            return spec
+    supported = ", ".join(s.jax_class for s in SPECS)
+    raise TypeError(f"cannot convert a {type(module).__name__}; supported: {supported}")
+
+
+def _options(spec: ModuleSpec, get) -> dict:
+    """The options that decide which parameters exist, read through ``get(torch_attr)``."""
+    layered = spec.layered
+    return dict(
+        num_layers=get("num_layers") if layered else 1,
+        bidirectional=bool(get("bidirectional")) if spec.kind == "lstm" else False,
+        bias=bool(get("bias")),
+        proj=bool(get("proj_size")) if spec.kind == "lstm" else False,
+    )
+
+
+def _torch_getter(spec: ModuleSpec, jax_module: Any):
+    """Reads a JAX module's options under their torch names (through the config rules)."""
+    by_torch = {rule.torch: rule for rule in spec.config}
+
+    def get(name: str):
+        rule = by_torch[name]
+        value = getattr(jax_module, rule.jax)
+        return rule.to_torch(value) if rule.to_torch else value
+
+    return get
+
+
+def _x64_enabled() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"parameter {name} has {bad} non-finite values (NaN or Inf); expected finite weights")
+
+
+def torch_param_arrays(module: nn.Module) -> dict[str, np.ndarray]:
+    """A torch module's parameters as numpy arrays, exact (detached, on the CPU)."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def _check_keys(expected: set, got: set, what: str) -> None:
+    missing, extra = sorted(expected - got), sorted(got - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise ValueError(f"{what}: {'; '.join(parts)}")
+
+
+def to_jax(torch_module: nn.Module) -> tuple[Any, dict]:
+    """Converts a torch recurrent module to the equivalent jax_impl module and its variables.
+
+    Arguments:
+        torch_module: nn.LSTM, nn.LSTMCell, torch_impl.ConvLSTM2d / ConvLSTMCell, or a
+            torch_impl stateful module wrapping one of them.
+
+    Returns:
+        ``(jax_module, variables)``; the JAX module keeps the layout (``time_major = not
+        batch_first``) and the parameters' dtype (float64 needs ``jax.enable_x64``).
+
+    Example:
+        >>> lstm = torch.nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        >>> module, variables = to_jax(lstm)
+        >>> y, (h, c) = module.apply(variables, jnp.ones((4, 10, 16)))
+    """
+    torch_module = _unwrap_stateful(torch_module)
+    spec = spec_for_torch(torch_module)
+    state = torch_param_arrays(torch_module)
+    options = _options(spec, lambda name: getattr(torch_module, name))
+    rules = expand_rules(spec, **options)
+    _check_keys({r[0] for r in rules}, set(state), f"{type(torch_module).__name__} state_dict")
+
+    dtypes = {state[name].dtype for name, _, _ in rules}
+    if len(dtypes) != 1:
+        raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; expected one dtype")
+    dtype = dtypes.pop()
+    if dtype == np.float64 and not _x64_enabled():
+        raise TypeError(
+            "float64 weights need JAX's x64 mode: call to_jax inside `with jax.enable_x64(True):`"
+        )
+
+    params: dict = {}
+    for torch_name, path, layout in rules:
+        _check_finite(torch_name, state[torch_name])
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(np.ascontiguousarray(layout.to_jax(state[torch_name])))
+
+    config = {}
+    for rule in spec.config:
+        if hasattr(torch_module, rule.torch):
+            value = getattr(torch_module, rule.torch)
+            config[rule.jax] = rule.to_jax(value) if rule.to_jax else value
+    jax_module = _resolve(spec.jax_class)(**config, param_dtype=jnp.dtype(dtype))
+    return jax_module, {"params": params}
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            flat.update(_flatten(dict(value), prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def jax_params_as_torch(jax_module: Any, variables: Any) -> dict[str, np.ndarray]:
+    """A jax_impl module's parameters (or any pytree in their structure, e.g. gradients) under
+    torch's names and layouts, as numpy arrays."""
+    spec = spec_for_jax(jax_module)
+    params = variables["params"] if "params" in variables else variables
+    flat = _flatten(dict(params))
+    rules = expand_rules(spec, **_options(spec, _torch_getter(spec, jax_module)))
+    _check_keys(
+        {"/".join(path) for _, path, _ in rules},
+        {"/".join(path) for path in flat},
+        f"{type(jax_module).__name__} params",
+    )
+    return {
+        torch_name: np.ascontiguousarray(layout.to_torch(np.asarray(flat[path])))
+        for torch_name, path, layout in rules
+    }
+
+
+def to_torch(jax_module: Any, variables: Any, device: Optional[torch.device] = None) -> nn.Module:
+    """The exact inverse of ``to_jax``: a torch module with the same weights, bit for bit.
+
+    Example:
+        >>> module, variables = to_jax(torch.nn.LSTM(8, 16))
+        >>> lstm = to_torch(module, variables)          # an nn.LSTM equal to the original
+    """
+    spec = spec_for_jax(jax_module)
+    arrays = jax_params_as_torch(jax_module, variables)
+    get = _torch_getter(spec, jax_module)
+    config = {rule.torch: get(rule.torch) for rule in spec.config}
+    dtypes = {a.dtype for a in arrays.values()}
+    if len(dtypes) != 1:
+        raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; expected one dtype")
+    dtype = torch.from_numpy(np.zeros(0, dtypes.pop())).dtype
+    torch_class = _resolve(spec.torch_class)
+    module = torch_class(**spec.torch_sizes(arrays), **config, dtype=dtype, device=device)
+    expected = module.state_dict()
+    for name, array in arrays.items():
+        _check_finite(name, array)
+        if tuple(expected[name].shape) != array.shape:
+            raise ValueError(
+                f"parameter {name} has shape {array.shape} after conversion, expected "
+                f"{tuple(expected[name].shape)} for {torch_class.__name__}({config})"
+            )
+    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, strict=True)
+    return module
+
+
+# ----------------------------------------------------------------------------- state and streams
+
+
+def state_to_jax(spec: ModuleSpec, state: Any) -> Optional[tuple]:
+    """A torch ``(h, c)`` state as the JAX carry (channels-last for the ConvLSTM)."""
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"state must be a pair (h, c), got {type(state).__name__}")
+    return tuple(
+        jnp.asarray(np.ascontiguousarray(spec.activation.to_jax(t.detach().cpu().numpy())))
+        for t in state
+    )
+
+
+def state_to_torch(spec: ModuleSpec, carry: Any) -> Optional[tuple]:
+    """A JAX carry as torch's ``(h, c)``."""
+    if carry is None:
+        return None
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(spec.activation.to_torch(np.asarray(a)))) for a in carry
+    )
+
+
+def stream_to_jax(stateful: Any) -> jax_impl.Stateful:
+    """A torch_impl stateful module as a ``jax_impl.Stateful`` that continues its stream.
+
+    The live carried state comes along: the next chunk fed to the JAX stream gives what the
+    torch module would have given.
+    """
+    if not isinstance(stateful, torch_impl.StatefulWrapper):
+        raise TypeError(
+            f"stream_to_jax needs a torch_impl stateful module, got {type(stateful).__name__}"
+        )
+    module, variables = to_jax(stateful)
+    spec = spec_for_torch(_unwrap_stateful(stateful))
+    return jax_impl.Stateful(module, variables, carry=state_to_jax(spec, stateful.get_state()))
+
+
+def stream_to_torch(stream: jax_impl.Stateful) -> Any:
+    """A ``jax_impl.Stateful`` as a torch_impl stateful module holding the same state."""
+    if not isinstance(stream, jax_impl.Stateful):
+        raise TypeError(f"stream_to_torch needs a jax_impl.Stateful, got {type(stream).__name__}")
+    spec = spec_for_jax(stream.module)
+    module = to_torch(stream.module, stream.variables)
+    if spec.kind == "lstm":
+        stateful = torch_impl.StatefulLSTM(
+            module.input_size, module.hidden_size, module.num_layers, batch_first=module.batch_first,
+            bias=module.bias, dropout=module.dropout, bidirectional=module.bidirectional,
+            proj_size=module.proj_size, dtype=module.weight_ih_l0.dtype,
+        )
+        stateful.lstm.load_state_dict(module.state_dict())
+    else:
+        stateful = torch_impl.StatefulConvLSTM(
+            module.input_channels, module.hidden_channels, module.kernel_size, module.num_layers,
+            batch_first=module.batch_first, bias=module.bias, dilation=module.dilation,
+            dropout=module.dropout, dtype=module.weight_ih_l0.dtype,
+        )
+        stateful.convlstm.load_state_dict(module.state_dict())
+    stateful.set_state(state_to_torch(spec, stream.carry))
+    return stateful

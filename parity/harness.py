@@ -1,0 +1,429 @@
+"""``compare``: run torch and JAX on the same weights and inputs, full and chunked, and report.
+
+Everything is compared in torch's layout (so ``where`` indexes the torch tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import torch_impl
+
+from .convert import (
+    jax_params_as_torch,
+    spec_for_torch,
+    state_to_jax,
+    state_to_torch,
+    to_jax,
+)
+from .mapping import ModuleSpec
+
+__all__ = ["Check", "Report", "compare", "numerics", "bounds_for", "resolve_chunks"]
+
+# DESIGN.md's numbers: max abs error on outputs and states; gradients relative to the largest.
+FORWARD_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def bounds_for(dtype: torch.dtype) -> tuple[float, float]:
+    """``(forward atol, gradient bound relative to the largest gradient)`` for a dtype."""
+    if dtype not in FORWARD_ATOL:
+        raise TypeError(f"dtype {dtype} has no parity bound; expected torch.float32 or torch.float64")
+    return FORWARD_ATOL[dtype], GRAD_RTOL[dtype]
+
+
+@contextlib.contextmanager
+def numerics(dtype: torch.dtype) -> Iterator[None]:
+    """Full-precision arithmetic on both sides for the duration of a comparison.
+
+    x64 on the JAX side for float64 (scoped, restored after); highest matmul/conv precision in
+    JAX and TF32 off in torch (both matter on GPU/TPU only; restored after).
+    """
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if dtype == torch.float64:
+                stack.enter_context(jax.enable_x64(True))
+            stack.enter_context(jax.default_matmul_precision("highest"))
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Check:
+    """One tensor of one run: its largest errors and whether they are within the bound."""
+
+    run: str  # "full", "chunks 3+5+2", ...
+    tensor: str  # "output", "h_n", "c_n", "grad/input", "grad/weight_ih_l0", ...
+    max_abs: float
+    max_rel: float  # max abs error / max |reference|
+    where: Optional[tuple]  # index of the largest abs error, torch layout
+    bound: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """The outcome of ``compare``: a list of ``Check``s."""
+
+    config: str
+    dtype: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def worst(self, prefix: str = "") -> float:
+        """The largest max abs error among checks whose tensor starts with ``prefix``."""
+        values = [c.max_abs for c in self.checks if c.tensor.startswith(prefix)]
+        return max(values) if values else float("nan")
+
+    def assert_ok(self) -> None:
+        """Raises AssertionError naming each failing tensor, run, error and where."""
+        if not self.checks:
+            raise AssertionError(f"{self.config} [{self.dtype}]: no checks ran")
+        if self.failures:
+            lines = [
+                f"{c.tensor} ({c.run}): max abs {c.max_abs:.3g} > bound {c.bound:.3g}, "
+                f"max rel {c.max_rel:.3g}, at {c.where}" + (f" [{c.note}]" if c.note else "")
+                for c in self.failures
+            ]
+            raise AssertionError(
+                f"{self.config} [{self.dtype}] does not match:\n  " + "\n  ".join(lines)
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "dtype": self.dtype,
+            "ok": self.ok,
+            "checks": [
+                {**asdict(c), "where": list(c.where) if c.where is not None else None}
+                for c in self.checks
+            ],
+        }
+
+    def __str__(self) -> str:
+        header = f"{self.config} [{self.dtype}]: {'ok' if self.ok else 'MISMATCH'}"
+        rows = [("run", "tensor", "max abs", "max rel", "bound", "ok")]
+        for c in self.checks:
+            rows.append(
+                (c.run, c.tensor, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.bound:.3g}",
+                 ("ok" if c.ok else "FAIL") + (f" ({c.note})" if c.note else ""))
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join([header] + lines)
+
+
+def check_arrays(
+    run: str, tensor: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float = 0.0,
+    relative_to_max: bool = False,
+) -> Check:
+    """Compares ``got`` (JAX) with ``ref`` (torch). Non-finite values are never a match.
+
+    With ``relative_to_max`` the bound is ``atol * max|ref|`` (gradients).
+    """
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        return Check(run, tensor, math.inf, math.inf, None, atol, False,
+                     f"shape {got.shape} vs torch {ref.shape}")
+    finite = np.isfinite(got) & np.isfinite(ref)
+    note = ""
+    if not finite.all():
+        note = (f"non-finite: torch {int(np.size(ref) - np.isfinite(ref).sum())}, "
+                f"jax {int(np.size(got) - np.isfinite(got).sum())}")
+    err = np.where(finite, np.abs(got - ref), 0.0)
+    scale = float(np.max(np.abs(np.where(finite, ref, 0.0)), initial=0.0))
+    max_abs = float(err.max(initial=0.0))
+    where = tuple(int(i) for i in np.unravel_index(int(err.argmax()), err.shape)) if err.size else None
+    bound = atol * scale if relative_to_max else atol
+    within = err <= bound + rtol * np.abs(ref) if rtol else err <= bound
+    ok = bool(np.all(within)) and not note
+    return Check(run, tensor, max_abs, max_abs / scale if scale else max_abs, where, bound, ok, note)
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def _time_axis(spec: ModuleSpec, module: Any, x: torch.Tensor) -> int:
+    """Where time is in a torch input."""
+    if spec.kind.endswith("_cell"):
+        return 0  # cells are fed a time-major sequence of steps
+    batched = x.dim() == (3 if spec.kind == "lstm" else 5)
+    return 1 if (batched and module.batch_first) else 0
+
+
+def _torch_run(spec, module, x, state, lengths):
+    """torch side: ``(y, (h, c))``; packed sequences for ``lengths``."""
+    if spec.kind.endswith("_cell"):
+        if state is None:
+            state = module(x[0])  # shape template
+            state = tuple(torch.zeros_like(s) for s in state)
+        ys = []
+        for step in x:
+            state = module(step, state)
+            ys.append(state[0])
+        return torch.stack(ys), tuple(state)
+    if lengths is None:
+        y, state = module(x, state)
+        return y, tuple(state)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        x, torch.as_tensor(lengths).cpu(), batch_first=module.batch_first, enforce_sorted=False
+    )
+    y, state = module(packed, state)
+    y, _ = torch.nn.utils.rnn.pad_packed_sequence(
+        y, batch_first=module.batch_first, total_length=x.shape[_time_axis(spec, module, x)]
+    )
+    return y, tuple(state)
+
+
+def _jax_runner(spec, jax_module, variables):
+    """JAX side, jitted: ``run(variables, x, carry, lengths) -> (y, carry)``."""
+    if spec.kind.endswith("_cell"):
+
+        def run(variables, x, carry, lengths):
+            del lengths
+            return jax.lax.scan(lambda c, xt: jax_module.apply(variables, c, xt), carry, x)[::-1]
+
+        def with_carry(variables, x, carry, lengths):
+            if carry is None:
+                carry = jax_module.initialize_carry(jax.random.key(0), x.shape[1:])
+                carry = tuple(a.astype(x.dtype) for a in carry)
+            return run(variables, x, carry, lengths)
+
+        return jax.jit(with_carry)
+
+    def run(variables, x, carry, lengths):
+        return jax_module.apply(variables, x, carry, seq_lengths=lengths)
+
+    return jax.jit(run)
+
+
+def resolve_chunks(chunks: Union[None, int, str, Sequence[int]], num_steps: int, seed: int = 0):
+    """A chunking as a list of lengths summing to ``num_steps`` (None: no chunked run)."""
+    if chunks is None:
+        return None
+    if isinstance(chunks, str):
+        if chunks != "random":
+            raise ValueError(f'chunks must be an int, a list of lengths or "random", got {chunks!r}')
+        rng = np.random.default_rng(seed)
+        lengths, left = [], num_steps
+        while left:
+            n = int(rng.integers(1, max(2, num_steps // 3) + 1))
+            lengths.append(min(n, left))
+            left -= lengths[-1]
+        return lengths
+    if isinstance(chunks, int):
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        return [chunks] * (num_steps // chunks) + ([num_steps % chunks] if num_steps % chunks else [])
+    lengths = [int(n) for n in chunks]
+    if sum(lengths) != num_steps or min(lengths) < 1:
+        raise ValueError(
+            f"chunk lengths {lengths} must be >= 1 and sum to the sequence length {num_steps}, "
+            f"got sum {sum(lengths)}"
+        )
+    return lengths
+
+
+def _describe(module: torch.nn.Module) -> str:
+    return f"{type(module).__name__}({module.extra_repr()})"
+
+
+def _random_like(state, generator) -> tuple:
+    return tuple(torch.randn(s.shape, dtype=s.dtype, generator=generator) for s in state)
+
+
+def compare(
+    torch_module: torch.nn.Module,
+    x: Any,
+    *,
+    jax_module: Any = None,
+    variables: Any = None,
+    chunks: Union[None, int, str, Sequence[int]] = None,
+    initial_state: Any = None,
+    seq_lengths: Any = None,
+    grads: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    seed: int = 0,
+) -> Report:
+    """Runs torch and JAX on the same weights and input and reports how far apart they are.
+
+    Arguments:
+        torch_module: nn.LSTM, nn.LSTMCell, torch_impl.ConvLSTM2d / ConvLSTMCell, or a torch_impl
+            stateful module (its live state is the default initial state).
+        x: the input in torch's layout (a cell takes a time-major sequence of steps).
+        jax_module, variables: a JAX port to validate; default ``to_jax(torch_module)``.
+        chunks: also run chunk by chunk with the state carried on both sides: an int (chunk
+            length), a list of lengths, or ``"random"``.
+        initial_state: torch ``(h, c)``, ``"random"``, or None (zeros).
+        seq_lengths: ``(B,)`` lengths (nn.LSTM only: torch runs a packed sequence).
+        grads: also compare gradients of a scalar loss w.r.t. the input, the initial state and
+            every parameter (matched by torch name).
+        dtype: run both sides in this dtype (default: the module's).
+        rtol, atol: override the bounds (atol replaces DESIGN.md's forward bound).
+        seed: for random states, chunkings and loss weights.
+
+    Returns:
+        A ``Report``.
+
+    Example:
+        >>> report = compare(torch.nn.LSTM(8, 16, batch_first=True), torch.randn(4, 50, 8),
+        ...                  chunks="random", initial_state="random", grads=True)
+        >>> report.assert_ok(); print(report)
+    """
+    if isinstance(torch_module, torch_impl.StatefulWrapper):
+        if initial_state is None:
+            initial_state = torch_module.get_state()
+        torch_module = torch_module.module
+    spec = spec_for_torch(torch_module)
+    module_dtype = next(torch_module.parameters()).dtype
+    dtype = dtype or module_dtype
+    if dtype != module_dtype:
+        torch_module = copy.deepcopy(torch_module).to(dtype)
+    forward_atol, grad_rtol = bounds_for(dtype)
+    forward_atol = forward_atol if atol is None else atol
+    rtol = rtol or 0.0
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    if seq_lengths is not None:
+        if spec.kind != "lstm":
+            raise ValueError(f"seq_lengths is supported for nn.LSTM only, got {type(torch_module).__name__}")
+        if chunks is not None:
+            raise ValueError("seq_lengths and chunks cannot be combined (torch cannot pack a chunk with empty rows)")
+        seq_lengths = np.asarray(seq_lengths)
+
+    report = Report(_describe(torch_module), str(dtype).replace("torch.", ""))
+    with numerics(dtype):
+        if jax_module is None:
+            jax_module, variables = to_jax(torch_module)
+        run_jax = _jax_runner(spec, jax_module, variables)
+        to_jax_layout = spec.activation.to_jax
+
+        with torch.no_grad():
+            if isinstance(initial_state, str):
+                if initial_state != "random":
+                    raise ValueError(f'initial_state must be a state pair, "random" or None, got {initial_state!r}')
+                template = _torch_run(spec, torch_module, x, None, None)[1]
+                initial_state = _random_like(template, generator)
+            elif initial_state is None:
+                # explicit zeros: the same JAX program then serves every chunk
+                template = _torch_run(spec, torch_module, x, None, seq_lengths)[1]
+                initial_state = tuple(torch.zeros_like(s) for s in template)
+            initial_state = tuple(t.to(dtype) for t in initial_state)
+
+            # full sequence
+            y_t, state_t = _torch_run(spec, torch_module, x, initial_state, seq_lengths)
+            xj = jnp.asarray(np.ascontiguousarray(to_jax_layout(x.numpy())))
+            lengths_j = None if seq_lengths is None else jnp.asarray(seq_lengths)
+            y_j, carry_j = run_jax(variables, xj, state_to_jax(spec, initial_state), lengths_j)
+            _add_forward_checks(report, spec, "full", y_t, state_t, y_j, carry_j, forward_atol, rtol)
+
+            # chunked, the state carried on both sides
+            time_axis = _time_axis(spec, torch_module, x)
+            lengths = resolve_chunks(chunks, x.shape[time_axis], seed)
+            if lengths is not None:
+                state_t, carry_j, ys_t, ys_j, start = initial_state, state_to_jax(spec, initial_state), [], [], 0
+                for n in lengths:
+                    chunk = x.narrow(time_axis, start, n)
+                    y, state_t = _torch_run(spec, torch_module, chunk, state_t, None)
+                    ys_t.append(y)
+                    y, carry_j = run_jax(
+                        variables, jnp.asarray(np.ascontiguousarray(to_jax_layout(chunk.numpy()))),
+                        carry_j, None,
+                    )
+                    ys_j.append(y)
+                    start += n
+                run = "chunks " + "+".join(map(str, lengths))
+                y_t = torch.cat(ys_t, time_axis)
+                y_j = jnp.concatenate(ys_j, axis=time_axis)
+                _add_forward_checks(report, spec, run, y_t, state_t, y_j, carry_j, forward_atol, rtol)
+
+        if grads:
+            _add_grad_checks(
+                report, spec, torch_module, jax_module, variables, x, initial_state, seq_lengths,
+                run_jax, grad_rtol, generator,
+            )
+    return report
+
+
+def _add_forward_checks(report, spec, run, y_t, state_t, y_j, carry_j, atol, rtol):
+    to_torch_layout = spec.activation.to_torch
+    pairs = [("output", y_j, y_t), ("h_n", carry_j[0], state_t[0]), ("c_n", carry_j[1], state_t[1])]
+    for name, got, ref in pairs:
+        report.checks.append(
+            check_arrays(run, name, to_torch_layout(np.asarray(got)), ref.detach().numpy(), atol, rtol)
+        )
+
+
+def _add_grad_checks(
+    report, spec, torch_module, jax_module, variables, x, initial_state, seq_lengths, run_jax,
+    grad_rtol, generator,
+):
+    """Gradients of ``Σ y·a + Σ h_n·b + Σ c_n·d`` (a, b, d random) on both sides."""
+    x_t = x.detach().clone().requires_grad_(True)
+    state0 = tuple(s.detach().clone().requires_grad_(True) for s in initial_state)
+    torch_module.zero_grad(set_to_none=True)
+    y_t, (h_t, c_t) = _torch_run(spec, torch_module, x_t, state0, seq_lengths)
+    weights = _random_like((y_t, h_t, c_t), generator)
+    loss = sum((t * w).sum() for t, w in zip((y_t, h_t, c_t), weights))
+    loss.backward()
+    torch_grads = {name: p.grad for name, p in torch_module.named_parameters()}
+
+    to_jax_layout = spec.activation.to_jax
+    as_jax = lambda t: jnp.asarray(np.ascontiguousarray(to_jax_layout(t.detach().numpy())))
+    w_y, w_h, w_c = (as_jax(w) for w in weights)
+    lengths_j = None if seq_lengths is None else jnp.asarray(seq_lengths)
+
+    def loss_j(variables, xj, carry):
+        y, (h, c) = run_jax(variables, xj, carry, lengths_j)
+        return jnp.sum(y * w_y) + jnp.sum(h * w_h) + jnp.sum(c * w_c)
+
+    g_vars, g_x, g_carry = jax.jit(jax.grad(loss_j, argnums=(0, 1, 2)))(
+        variables, as_jax(x), state_to_jax(spec, state0)
+    )
+    run = "full"
+    to_torch_layout = spec.activation.to_torch
+    report.checks.append(check_arrays(run, "grad/input", to_torch_layout(np.asarray(g_x)),
+                                      x_t.grad.numpy(), grad_rtol, relative_to_max=True))
+    for name, g, s in zip(("h_0", "c_0"), g_carry, state0):
+        report.checks.append(check_arrays(run, f"grad/{name}", to_torch_layout(np.asarray(g)),
+                                          s.grad.numpy(), grad_rtol, relative_to_max=True))
+    try:
+        jax_grads = jax_params_as_torch(jax_module, g_vars)
+    except (ValueError, TypeError) as error:
+        report.checks.append(Check(run, "grad/params", math.inf, math.inf, None, grad_rtol, False,
+                                   f"parameters do not match torch's: {error}"))
+        return
+    for name, ref in torch_grads.items():
+        if name not in jax_grads:
+            report.checks.append(Check(run, f"grad/{name}", math.inf, math.inf, None, grad_rtol,
+                                       False, "no such parameter in the JAX port"))
+            continue
+        report.checks.append(check_arrays(run, f"grad/{name}", jax_grads[name], ref.numpy(),
+                                          grad_rtol, relative_to_max=True))
