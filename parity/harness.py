@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -200,26 +201,32 @@ def _torch_run(spec, module, x, state, lengths):
     return y, tuple(state)
 
 
-def _jax_runner(spec, jax_module, variables):
-    """JAX side, jitted: ``run(variables, x, carry, lengths) -> (y, carry)``."""
-    if spec.kind.endswith("_cell"):
+def _apply(jax_module, is_cell: bool, variables, x, carry, lengths):
+    """JAX side: ``(y, carry)``; a cell is scanned over a time-major sequence of steps."""
+    if is_cell:
+        carry, ys = jax.lax.scan(lambda c, xt: jax_module.apply(variables, c, xt), carry, x)
+        return ys, carry
+    return jax_module.apply(variables, x, carry, seq_lengths=lengths)
 
-        def run(variables, x, carry, lengths):
-            del lengths
-            return jax.lax.scan(lambda c, xt: jax_module.apply(variables, c, xt), carry, x)[::-1]
 
-        def with_carry(variables, x, carry, lengths):
-            if carry is None:
-                carry = jax_module.initialize_carry(jax.random.key(0), x.shape[1:])
-                carry = tuple(a.astype(x.dtype) for a in carry)
-            return run(variables, x, carry, lengths)
+def _loss(jax_module, is_cell, variables, x, carry, lengths, w_y, w_h, w_c):
+    y, (h, c) = _apply(jax_module, is_cell, variables, x, carry, lengths)
+    return jnp.sum(y * w_y) + jnp.sum(h * w_h) + jnp.sum(c * w_c)
 
-        return jax.jit(with_carry)
 
-    def run(variables, x, carry, lengths):
-        return jax_module.apply(variables, x, carry, seq_lengths=lengths)
+# Static on the module, so repeated comparisons of one configuration reuse their programs.
+_apply_jit = jax.jit(_apply, static_argnums=(0, 1))
+_grads_jit = jax.jit(jax.grad(_loss, argnums=(2, 3, 4)), static_argnums=(0, 1))
 
-    return jax.jit(run)
+
+def _jax_runner(spec, jax_module):
+    """``run(variables, x, carry, lengths) -> (y, carry)``, jitted."""
+    is_cell = spec.kind.endswith("_cell")
+    try:
+        hash(jax_module)
+        return functools.partial(_apply_jit, jax_module, is_cell)
+    except TypeError:  # an unhashable port made elsewhere: jit it on its own
+        return jax.jit(functools.partial(_apply, jax_module, is_cell))
 
 
 def resolve_chunks(chunks: Union[None, int, str, Sequence[int]], num_steps: int, seed: int = 0):
@@ -322,7 +329,7 @@ def compare(
     with numerics(dtype):
         if jax_module is None:
             jax_module, variables = to_jax(torch_module)
-        run_jax = _jax_runner(spec, jax_module, variables)
+        run_jax = _jax_runner(spec, jax_module)
         to_jax_layout = spec.activation.to_jax
 
         with torch.no_grad():
@@ -367,7 +374,7 @@ def compare(
         if grads:
             _add_grad_checks(
                 report, spec, torch_module, jax_module, variables, x, initial_state, seq_lengths,
-                run_jax, grad_rtol, generator,
+                grad_rtol, generator,
             )
     return report
 
@@ -382,7 +389,7 @@ def _add_forward_checks(report, spec, run, y_t, state_t, y_j, carry_j, atol, rto
 
 
 def _add_grad_checks(
-    report, spec, torch_module, jax_module, variables, x, initial_state, seq_lengths, run_jax,
+    report, spec, torch_module, jax_module, variables, x, initial_state, seq_lengths,
     grad_rtol, generator,
 ):
     """Gradients of ``Σ y·a + Σ h_n·b + Σ c_n·d`` (a, b, d random) on both sides."""
@@ -400,13 +407,13 @@ def _add_grad_checks(
     w_y, w_h, w_c = (as_jax(w) for w in weights)
     lengths_j = None if seq_lengths is None else jnp.asarray(seq_lengths)
 
-    def loss_j(variables, xj, carry):
-        y, (h, c) = run_jax(variables, xj, carry, lengths_j)
-        return jnp.sum(y * w_y) + jnp.sum(h * w_h) + jnp.sum(c * w_c)
-
-    g_vars, g_x, g_carry = jax.jit(jax.grad(loss_j, argnums=(0, 1, 2)))(
-        variables, as_jax(x), state_to_jax(spec, state0)
-    )
+    args = (variables, as_jax(x), state_to_jax(spec, state0), lengths_j, w_y, w_h, w_c)
+    is_cell = spec.kind.endswith("_cell")
+    try:
+        hash(jax_module)
+        g_vars, g_x, g_carry = _grads_jit(jax_module, is_cell, *args)
+    except TypeError:
+        g_vars, g_x, g_carry = jax.grad(functools.partial(_loss, jax_module, is_cell), (0, 1, 2))(*args)
     run = "full"
     to_torch_layout = spec.activation.to_torch
     report.checks.append(check_arrays(run, "grad/input", to_torch_layout(np.asarray(g_x)),
