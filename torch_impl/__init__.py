@@ -1,0 +1,17 @@
+"""PyTorch side of carryover: ConvLSTM2d (torch has none) and stateful recurrent modules.
+
+Never imports JAX; ``parity`` is the only package that knows both sides.
+"""
+
+from .convlstm import ConvLSTM2d, ConvLSTMCell, convlstm_step, from_concat_conv
+from .stateful import StatefulConvLSTM, StatefulLSTM, StatefulWrapper
+
+__all__ = [
+    "ConvLSTM2d",
+    "ConvLSTMCell",
+    "StatefulConvLSTM",
+    "StatefulLSTM",
+    "StatefulWrapper",
+    "convlstm_step",
+    "from_concat_conv",
+]
