@@ -216,7 +216,12 @@ def cast_weights(weights, dtype):
 
 def as_pair(value, name: str) -> tuple[int, int]:
     """An int or a pair of ints >= 1 as a pair; a clear error otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:  # a float or anything else: name it rather than fail inside tuple()
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < 1:

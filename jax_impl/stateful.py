@@ -16,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from .cells import Carry
-from .modules import check_carry, check_seq_lengths
+from .modules import check_carry, check_reset, check_seq_lengths
 
 Array = jax.Array
 
@@ -178,7 +178,15 @@ class Stateful:
         widths[time_axis] = (0, padded - num_steps)
         x = jnp.pad(x, widths)
         if reset is not None:
-            reset = jnp.pad(jnp.asarray(reset), widths[: jnp.ndim(reset)])
+            # checked before padding, so the message gives the chunk's shapes, not the bucket's
+            if not batched:
+                expected, layout = (num_steps,), "(T,) for unbatched input"
+            elif time_axis == 0:
+                expected, layout = (num_steps, batch), "(T, B) with time_major"
+            else:
+                expected, layout = (batch, num_steps), "(B, T)"
+            reset = check_reset(reset, expected, layout)
+            reset = jnp.pad(reset, widths[: reset.ndim])
         y, self._carry = self.step(self.variables, self._carry, x, lengths, reset)
         return jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
 

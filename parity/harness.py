@@ -243,12 +243,19 @@ def resolve_chunks(chunks: Union[None, int, str, Sequence[int]], num_steps: int,
             lengths.append(min(n, left))
             left -= lengths[-1]
         return lengths
-    if isinstance(chunks, int):
+    if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        chunks = int(chunks)
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         return [chunks] * (num_steps // chunks) + ([num_steps % chunks] if num_steps % chunks else [])
+    if not isinstance(chunks, (Sequence, np.ndarray)) or not all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in chunks
+    ):
+        raise TypeError(
+            f'chunks must be an int, a list of int lengths or "random", got {chunks!r}'
+        )
     lengths = [int(n) for n in chunks]
-    if sum(lengths) != num_steps or min(lengths) < 1:
+    if not lengths or sum(lengths) != num_steps or min(lengths) < 1:
         raise ValueError(
             f"chunk lengths {lengths} must be >= 1 and sum to the sequence length {num_steps}, "
             f"got sum {sum(lengths)}"

@@ -172,6 +172,24 @@ def _layout(module: nn.Module) -> _Layout:
     )
 
 
+def _check_input_fits(module: nn.Module, x: Tensor) -> None:
+    """ValueError/TypeError where nn.LSTM/GRU/RNN would raise RuntimeError on ``x``.
+
+    ConvLSTM2d checks its input itself. Under autocast the dtypes legitimately differ.
+    """
+    if not isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        return
+    if x.shape[-1] != module.input_size:
+        raise ValueError(
+            f"input has {x.shape[-1]} features, expected {module.input_size} (input_size)"
+        )
+    weight = module.weight_ih_l0
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"input has dtype {x.dtype}, expected {weight.dtype} (the parameters' dtype)"
+        )
+
+
 def _detach(state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(t.detach() for t in state)
 
@@ -299,6 +317,7 @@ class StatefulWrapper(nn.Module):
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
         layout = _layout(self.module)
         shapes = layout.state_shapes(x)
+        _check_input_fits(self.module, x)
         if self._state is None:
             state = tuple(x.new_zeros(shape) for shape in shapes)
         else:
