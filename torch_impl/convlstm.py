@@ -324,10 +324,10 @@ class ConvLSTM2d(nn.Module):
 
     Example:
         >>> lstm = ConvLSTM2d(3, 8, kernel_size=3, num_layers=2, batch_first=True)
-        >>> x = torch.randn(4, 10, 3, 32, 32)  # (B, T, C, H, W)
+        >>> x = torch.randn(4, 10, 3, 16, 16)  # (B, T, C, H, W)
         >>> output, (h_n, c_n) = lstm(x)
         >>> output.shape, h_n.shape
-        (torch.Size([4, 10, 8, 32, 32]), torch.Size([2, 4, 8, 32, 32]))
+        (torch.Size([4, 10, 8, 16, 16]), torch.Size([2, 4, 8, 16, 16]))
         >>> output, (h_n, c_n) = lstm(x, (h_n, c_n))  # continue the sequence
     """
 

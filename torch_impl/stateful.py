@@ -383,8 +383,8 @@ class StatefulConvLSTM(StatefulWrapper):
 
     Example:
         >>> conv = StatefulConvLSTM(3, 16, 3, num_layers=2)
-        >>> y = conv(torch.randn(4, 5, 3, 32, 32))  # (4, 5, 16, 32, 32)
-        >>> y = conv(torch.randn(4, 5, 3, 32, 32))  # continued
+        >>> y = conv(torch.randn(4, 5, 3, 16, 16))  # (4, 5, 16, 16, 16)
+        >>> y = conv(torch.randn(4, 5, 3, 16, 16))  # continued
     """
 
     def __init__(
