@@ -280,6 +280,10 @@ def test_bad_masks_and_inputs():
         stream(torch.ones(3, 4, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"input to LSTM must be 3-D \(batched\) or 2-D \(unbatched\), got 4-D"):
         stream(torch.randn(3, 4, 2, 1))
+    with pytest.raises(ValueError, match=r"input has 5 features, expected 2 \(input_size\)"):
+        stream(torch.randn(3, 4, 5))
+    with pytest.raises(TypeError, match="input has dtype torch.float64, expected torch.float32"):
+        stream(torch.randn(3, 4, 2, dtype=DTYPE))
     with pytest.raises(TypeError, match="StatefulWrapper supports nn.LSTM, nn.GRU, nn.RNN and ConvLSTM2d, got Linear"):
         StatefulWrapper(nn.Linear(2, 3))
     with pytest.raises(TypeError, match="detach must be a bool, got str"):
