@@ -31,6 +31,8 @@ __all__ = [
     "spec_for_jax",
     "torch_param_arrays",
     "jax_params_as_torch",
+    "params_tree_as_torch",
+    "torch_options",
 ]
 
 
@@ -132,8 +134,7 @@ def to_jax(torch_module: nn.Module) -> tuple[Any, dict]:
     torch_module = _unwrap_stateful(torch_module)
     spec = spec_for_torch(torch_module)
     state = torch_param_arrays(torch_module)
-    options = _options(spec, lambda name: getattr(torch_module, name))
-    rules = expand_rules(spec, **options)
+    rules = expand_rules(spec, **torch_options(torch_module))
     _check_keys({r[0] for r in rules}, set(state), f"{type(torch_module).__name__} state_dict")
 
     dtypes = {state[name].dtype for name, _, _ in rules}
@@ -176,18 +177,36 @@ def jax_params_as_torch(jax_module: Any, variables: Any) -> dict[str, np.ndarray
     """A jax_impl module's parameters (or any pytree in their structure, e.g. gradients) under
     torch's names and layouts, as numpy arrays."""
     spec = spec_for_jax(jax_module)
+    return params_tree_as_torch(spec, _options(spec, _torch_getter(spec, jax_module)), variables)
+
+
+def params_tree_as_torch(spec: ModuleSpec, options: dict, variables: Any) -> dict[str, np.ndarray]:
+    """A params pytree in jax_impl's structure, for the module ``spec`` with ``options``, under
+    torch's names and layouts; a ValueError names missing and unexpected paths."""
     params = variables["params"] if "params" in variables else variables
     flat = _flatten(dict(params))
-    rules = expand_rules(spec, **_options(spec, _torch_getter(spec, jax_module)))
-    _check_keys(
-        {"/".join(path) for _, path, _ in rules},
-        {"/".join(path) for path in flat},
-        f"{type(jax_module).__name__} params",
-    )
+    rules = expand_rules(spec, **options)
+    torch_name = {"/".join(path): name for name, path, _ in rules}
+    got = {"/".join(path) for path in flat}
+    missing = sorted(set(torch_name) - got)
+    if missing:  # name both sides: the JAX path and the torch parameter it stands for
+        missing_text = ", ".join(f"{p} (torch {torch_name[p]})" for p in missing)
+        extra = sorted(got - set(torch_name))
+        raise ValueError(
+            f"{spec.jax_class} params: missing {missing_text}"
+            + (f"; unexpected {extra}" if extra else "")
+        )
+    _check_keys(set(torch_name), got, f"{spec.jax_class} params")
     return {
         torch_name: np.ascontiguousarray(layout.to_torch(np.asarray(flat[path])))
         for torch_name, path, layout in rules
     }
+
+
+def torch_options(torch_module: nn.Module) -> dict:
+    """The options of a torch module that decide which parameters exist."""
+    torch_module = _unwrap_stateful(torch_module)
+    return _options(spec_for_torch(torch_module), lambda name: getattr(torch_module, name))
 
 
 def to_torch(jax_module: Any, variables: Any, device: Optional[torch.device] = None) -> nn.Module:
@@ -239,7 +258,8 @@ def state_to_torch(spec: ModuleSpec, carry: Any) -> Optional[tuple]:
     if carry is None:
         return None
     return tuple(
-        torch.from_numpy(np.ascontiguousarray(spec.activation.to_torch(np.asarray(a)))) for a in carry
+        torch.from_numpy(np.array(spec.activation.to_torch(np.asarray(a)), order="C", copy=True))
+        for a in carry
     )
 
 

@@ -1,0 +1,160 @@
+"""A wrong port must be reported not ok: the harness can fail, and fails the way it should."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+import jax_impl
+import torch_impl
+from jax_impl.cells import LSTMWeights, lstm_step
+from parity import compare, to_jax
+
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
+
+
+def _lstm():
+    torch.manual_seed(0)
+    return torch.nn.LSTM(5, 7, num_layers=2, batch_first=True)
+
+
+def _edit(variables, layer, name, fn):
+    params = jax.tree_util.tree_map(lambda a: a, variables["params"])  # a fresh tree
+    params[layer] = dict(params[layer])
+    params[layer][name] = fn(params[layer][name])
+    return {"params": params}
+
+
+def _compare_edited(dtype, layer, name, fn, **kwargs):
+    module = _lstm().to(dtype)
+    with jax.enable_x64(dtype == torch.float64):
+        jax_module, variables = to_jax(module)
+        variables = _edit(variables, layer, name, fn)
+        return compare(module, torch.randn(3, 9, 5), jax_module=jax_module, variables=variables,
+                       dtype=dtype, **kwargs)
+
+
+def test_correct_port_passes_the_same_checks():
+    """The control: with nothing edited the same comparison is ok."""
+    for dtype in (torch.float32, torch.float64):
+        _compare_edited(dtype, "layer_1", "hh_kernel", lambda k: k, chunks=[4, 5],
+                        initial_state="random").assert_ok()
+
+
+def test_one_weight_nudged_by_1e_4_fails():
+    """In float64. (In float32 the nudge moves the outputs by ~2e-6, under the 1e-5 bound:
+    float64 is where a port is validated, float32 where its drift is measured.)"""
+    nudge = lambda k: k.at[2, 3].add(1e-4)
+    report = _compare_edited(torch.float64, "layer_0", "hh_kernel", nudge, initial_state="random")
+    assert not report.ok
+    assert any(c.tensor == "output" and not c.ok for c in report.checks)
+    with pytest.raises(AssertionError, match=r"output \(full\): max abs .* > bound"):
+        report.assert_ok()
+
+
+def _swap_i_f(a):
+    """Swaps the i and f gate blocks on the last axis (4H)."""
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    return jnp.concatenate([f, i, g, o], axis=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_order_swapped_fails(dtype):
+    module = _lstm().to(dtype)
+    with jax.enable_x64(dtype == torch.float64):
+        jax_module, variables = to_jax(module)
+        params = {
+            layer: {name: (_swap_i_f(a) if name != "proj_kernel" else a) for name, a in p.items()}
+            for layer, p in variables["params"].items()
+        }
+        report = compare(module, torch.randn(3, 9, 5), jax_module=jax_module,
+                         variables={"params": params}, dtype=dtype)
+    assert not report.ok
+    assert {c.tensor for c in report.failures} >= {"output", "h_n", "c_n"}
+
+
+class _SwappedCarryLSTM(nn.Module):
+    """A port that keeps Flax's (c, h) carry order where torch's is (h, c)."""
+
+    inner: jax_impl.LSTM
+
+    @nn.compact
+    def __call__(self, x, carry=None, *, seq_lengths=None):
+        if carry is not None:
+            carry = (carry[1], carry[0])  # reads (c, h)
+        y, (h, c) = self.inner(x, carry, seq_lengths=seq_lengths)
+        return y, (c, h)  # returns (c, h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_carry_order_swapped_fails(dtype):
+    module = _lstm().to(dtype)
+    with jax.enable_x64(dtype == torch.float64):
+        jax_module, variables = to_jax(module)
+        port = _SwappedCarryLSTM(jax_module)
+        port_variables = {"params": {"inner": variables["params"]}}
+        report = compare(module, torch.randn(3, 9, 5), jax_module=port, variables=port_variables,
+                         dtype=dtype, chunks=[4, 5], initial_state="random")
+    assert not report.ok
+    assert any(c.tensor == "h_n" and not c.ok for c in report.checks)
+    assert any(c.run.startswith("chunks") and c.tensor == "output" and not c.ok for c in report.checks)
+
+
+class _MergedBiasLSTM(nn.Module):
+    """A one-layer port with a single bias (b_ih + b_hh), as hand-written ports often do."""
+
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, x, carry=None, *, seq_lengths=None):
+        p = self.variables["params"]["layer_0"]
+        weights = LSTMWeights(p["ih_kernel"], p["hh_kernel"], p["bias"], jnp.zeros_like(p["bias"]))
+        h, c = (a[0] for a in carry)
+        (h, c), ys = jax.lax.scan(lambda carry, xt: lstm_step(weights, carry, xt), (h, c),
+                                  jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), (h[None], c[None])
+
+
+def test_merged_biases_fail():
+    """Forward values agree to rounding (the sum is the same), so only the by-name gradient check
+    can see it: torch trains two biases, the port one."""
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(5, 7, batch_first=True).double()
+    with jax.enable_x64(True):
+        _, variables = to_jax(module)
+        p = variables["params"]["layer_0"]
+        merged = {"layer_0": {"ih_kernel": p["ih_kernel"], "hh_kernel": p["hh_kernel"],
+                              "bias": p["ih_bias"] + p["hh_bias"]}}
+        report = compare(module, torch.randn(3, 9, 5), jax_module=_MergedBiasLSTM(7),
+                         variables={"params": merged}, initial_state="random", grads=True)
+    forward = [c for c in report.checks if c.tensor in ("output", "h_n", "c_n")]
+    assert forward and all(c.ok for c in forward)  # the forward pass alone cannot tell
+    assert not report.ok
+    assert any(c.tensor == "grad/params" and "bias_hh_l0" in c.note for c in report.failures)
+
+
+def test_wrong_convlstm_kernel_orientation_fails():
+    """A ConvLSTM port that forgot to flip the kernel (cross-correlation vs convolution)."""
+    torch.manual_seed(0)
+    module = torch_impl.ConvLSTM2d(2, 3, 3, batch_first=True).double()
+    with jax.enable_x64(True):
+        jax_module, variables = to_jax(module)
+        params = {"layer_0": dict(variables["params"]["layer_0"])}
+        params["layer_0"]["ih_kernel"] = params["layer_0"]["ih_kernel"][::-1, ::-1]
+        report = compare(module, torch.randn(2, 4, 2, 6, 6), jax_module=jax_module,
+                         variables={"params": params})
+    assert not report.ok
+
+
+def test_non_finite_output_is_not_a_match():
+    module = _lstm()
+    x = torch.randn(3, 9, 5)
+    x[1, 4, 2] = float("nan")
+    report = compare(module, x)
+    assert not report.ok
+    assert all("non-finite" in c.note for c in report.failures)
+    assert np.isfinite(report.checks[0].max_abs)
