@@ -7,3 +7,6 @@ from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
 from .harness import Check, Report, compare
 
 __all__ = ["to_jax", "to_torch", "stream_to_jax", "stream_to_torch", "compare", "Report", "Check"]
+
+from .checkpoint import load_stream, read_checkpoint, save_stream  # noqa: E402
+__all__ += ["save_stream", "load_stream", "read_checkpoint"]
