@@ -159,7 +159,8 @@ def check_arrays(
     if not finite.all():
         note = (f"non-finite: torch {int(np.size(ref) - np.isfinite(ref).sum())}, "
                 f"jax {int(np.size(got) - np.isfinite(got).sum())}")
-    err = np.where(finite, np.abs(got - ref), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: masked out just below
+        err = np.where(finite, np.abs(got - ref), 0.0)
     scale = float(np.max(np.abs(np.where(finite, ref, 0.0)), initial=0.0))
     max_abs = float(err.max(initial=0.0))
     where = tuple(int(i) for i in np.unravel_index(int(err.argmax()), err.shape)) if err.size else None
