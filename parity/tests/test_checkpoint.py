@@ -63,6 +63,15 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------------------------------ helpers
 
 
