@@ -11,6 +11,7 @@ from .cells import (
 from .modules import LSTM, ConvLSTM
 from .scan import run_stack, scan_direction
 from .stateful import Stateful, bucket_length, stream_step
+from .training import clip_by_global_norm_torch, make_tbptt_step, mse_loss, remat_apply
 
 __all__ = [
     "LSTM",
@@ -26,4 +27,5 @@ __all__ = [
     "Stateful",
     "stream_step",
     "bucket_length",
+    "make_tbptt_step", "remat_apply", "clip_by_global_norm_torch", "mse_loss",
 ]

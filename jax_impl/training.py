@@ -1,0 +1,223 @@
+"""Truncated-BPTT training for jax_impl modules: one jitted optax step per chunk.
+
+``make_tbptt_step`` builds ``step(variables, opt_state, carry, x, y) -> (variables, opt_state,
+carry, loss)``: the incoming carry is cut from the graph (``stop_gradient``, torch's
+``detach``), so gradients flow through the current chunk only, and the carry's buffers are
+donated to the step. ``remat=True`` recomputes each cell step in the backward pass instead of
+storing its intermediates (``jax.checkpoint`` on the cell inside the scan), for long chunks.
+
+``clip_by_global_norm_torch`` is torch.nn.utils.clip_grad_norm_'s formula as an optax
+transformation (optax.clip_by_global_norm's differs in the last digits), so a training loop
+ported from torch follows it step for step.
+
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .cells import (
+    ConvLSTMWeights,
+    LSTMWeights,
+    as_pair,
+    cast_weights,
+    computation_dtype,
+    convlstm_step,
+    lstm_step,
+)
+from .modules import LSTM, ConvLSTM
+from .scan import run_stack
+
+Array = jax.Array
+LossFn = Callable[[Array, Array], Array]
+TBPTTStep = Callable[..., tuple[Any, Any, Any, Array]]
+
+__all__ = ["make_tbptt_step", "clip_by_global_norm_torch", "mse_loss", "remat_apply"]
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
+TORCH_CLIP_EPS = 1e-6
+
+
+def mse_loss(prediction: Array, target: Array) -> Array:
+    """Mean squared error over every element (torch's ``F.mse_loss``, reduction ``'mean'``).
+
+    Example:
+        >>> mse_loss(jnp.ones((2, 3)), jnp.zeros((2, 3)))   # 1.0
+    """
+    return jnp.mean(jnp.square(prediction - target))
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """Gradient clipping by global norm with torch.nn.utils.clip_grad_norm_'s formula.
+
+    torch scales every gradient by ``min(max_norm / (norm + 1e-6), 1)``, ``norm`` being the
+    2-norm of the per-tensor 2-norms; optax.clip_by_global_norm uses ``max_norm / norm`` (and
+    only when ``norm >= max_norm``), a relative difference of ``1e-6 / norm`` when clipping.
+
+    Arguments:
+        max_norm: the largest global norm let through.
+
+    Returns:
+        An optax GradientTransformation (stateless).
+
+    Example:
+        >>> tx = optax.chain(clip_by_global_norm_torch(1.0), optax.adam(1e-3))
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+
+    def update(updates, state, params=None):
+        del params
+        leaves = jax.tree_util.tree_leaves(updates)
+        if not leaves:
+            return updates, state
+        dtype = jnp.result_type(*leaves)
+        # torch: vector_norm of the stacked per-tensor norms
+        norms = jnp.stack([jnp.linalg.norm(g.ravel()).astype(dtype) for g in leaves])
+        total = jnp.linalg.norm(norms)
+        coef = jnp.minimum(max_norm / (total + TORCH_CLIP_EPS), 1.0)  # always multiplied, as torch
+        return jax.tree_util.tree_map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# ----------------------------------------------------------------------------------- remat
+
+
+def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None) -> tuple[Array, Any]:
+    """``module.apply(variables, x, carry)`` with each cell step under ``jax.checkpoint``.
+
+    The backward pass then keeps only each step's carry (h, c) and recomputes the gates, instead
+    of storing every gate activation for every step: activation memory drops several-fold for
+    long chunks, at the price of a second forward pass through the cells. Same values as
+    ``module.apply`` (the same cell functions in the same scan driver).
+
+    Arguments:
+        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM`` (deterministic: no dropout).
+        variables: its variables.
+        x: a batched input in the module's layout, ``(B, T, ...)`` (``(T, B, ...)`` time_major).
+        carry: ``(h, c)`` in the module's layout, or None for zeros.
+
+    Returns:
+        ``(y, (h_n, c_n))`` as ``module.apply``.
+
+    Example:
+        >>> lstm = LSTM(hidden_size=8)
+        >>> variables = lstm.init(jax.random.key(0), jnp.ones((2, 512, 4)))
+        >>> y, carry = remat_apply(lstm, variables, jnp.ones((2, 512, 4)))
+    """
+    params = variables["params"]
+    if isinstance(module, LSTM):
+        suffixes = ("", "_reverse")[: module.num_directions]
+        weights = [
+            [LSTMWeights(**params[f"layer_{k}{s}"]) for s in suffixes]
+            for k in range(module.num_layers)
+        ]
+        step = functools.partial(lstm_step, precision=module.precision)
+        feature_rank = 1
+    elif isinstance(module, ConvLSTM):
+        weights = [[ConvLSTMWeights(**params[f"layer_{k}"])] for k in range(module.num_layers)]
+        step = functools.partial(
+            convlstm_step, dilation=as_pair(module.dilation, "dilation"), precision=module.precision
+        )
+        feature_rank = 3
+    else:
+        raise TypeError(
+            f"remat needs a jax_impl.LSTM or jax_impl.ConvLSTM, got {type(module).__name__}"
+        )
+    if x.ndim != 2 + feature_rank:
+        raise ValueError(
+            f"remat needs a batched input of rank {2 + feature_rank}, got shape {tuple(x.shape)}"
+        )
+    dtype = computation_dtype(module.dtype, x, weights)
+    weights = cast_weights(weights, dtype)
+    xs = x if module.time_major else jnp.swapaxes(x, 0, 1)  # (T, B, ...)
+    if carry is None:
+        batch_shape = tuple(xs.shape[1:-1])  # (B,) or (B, H, W)
+        carry = module.initialize_carry(batch_shape, dtype)
+    carry = tuple(jnp.asarray(a).astype(dtype) for a in carry)
+    ys, carry = run_stack(
+        jax.checkpoint(step), weights, carry, xs.astype(dtype), unroll=module.unroll
+    )
+    return (ys if module.time_major else jnp.swapaxes(ys, 0, 1)), carry
+
+
+# ----------------------------------------------------------------------------------- TBPTT
+
+
+def make_tbptt_step(
+    module: Any,
+    optimizer: optax.GradientTransformation,
+    loss_fn: LossFn = mse_loss,
+    *,
+    remat: bool = False,
+    jit: bool = True,
+) -> TBPTTStep:
+    """One truncated-BPTT training step per chunk, jitted, the carry donated.
+
+    Arguments:
+        module: a Flax module with ``apply(variables, x, carry) -> (y, carry)``: a
+            ``jax_impl.LSTM``/``ConvLSTM`` or your own model around one.
+        optimizer: an optax GradientTransformation (``optax.chain(clip, adam)``, ...).
+        loss_fn: ``loss_fn(y_pred, y_target) -> scalar``; default mean squared error.
+        remat: recompute the cell steps in the backward pass (``remat_apply``): less memory for
+            long chunks; jax_impl.LSTM / ConvLSTM only.
+        jit: return the jitted step (default) or the plain function (to compose further).
+
+    Returns:
+        ``step(variables, opt_state, carry, x, y, rng=None) -> (variables, opt_state, carry,
+        loss)``. The incoming ``carry`` is cut from the graph (``stop_gradient``) — gradients
+        flow through this chunk only — and donated: its buffers are reused for the new carry,
+        so do not read it after the call. ``carry=None`` starts from zeros (a second program).
+        ``rng``: a key enables the module's dropout (``deterministic=False``).
+
+    Example:
+        >>> lstm = LSTM(hidden_size=16)
+        >>> variables = lstm.init(jax.random.key(0), jnp.ones((4, 32, 3)))
+        >>> tx = optax.adam(1e-3)
+        >>> step = make_tbptt_step(lstm, tx)
+        >>> opt_state, carry = tx.init(variables["params"]), lstm.initialize_carry((4,))
+        >>> for x, y in chunks:                                     # x (4, 32, 3), y (4, 32, 16)
+        ...     variables, opt_state, carry, loss = step(variables, opt_state, carry, x, y)
+    """
+    if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if remat and not isinstance(module, (LSTM, ConvLSTM)):
+        raise TypeError(
+            f"remat=True needs a jax_impl.LSTM or ConvLSTM, got {type(module).__name__}"
+        )
+
+    def step(variables, opt_state, carry, x, y, rng: Optional[Array] = None):
+        carry = jax.lax.stop_gradient(carry)  # truncated BPTT: the chunk boundary cuts the graph
+        params = variables["params"]
+
+        def objective(params):
+            full = {**variables, "params": params}
+            if rng is not None:
+                if remat:
+                    raise ValueError("remat=True runs without dropout; pass rng=None")
+                out, new_carry = module.apply(
+                    full, x, carry, deterministic=False, rngs={"dropout": rng}
+                )
+            elif remat:
+                out, new_carry = remat_apply(module, full, x, carry)
+            else:
+                out, new_carry = module.apply(full, x, carry)
+            return loss_fn(out, y), new_carry
+
+        (loss, new_carry), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return {**variables, "params": params}, opt_state, new_carry, loss
+
+    return jax.jit(step, donate_argnums=(2,)) if jit else step
