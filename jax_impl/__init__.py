@@ -10,6 +10,7 @@ from .cells import (
 )
 from .modules import LSTM, ConvLSTM
 from .scan import run_stack, scan_direction
+from .sharding import ShardedModule, replicate, shard_batch, with_mesh
 from .stateful import Stateful, bucket_length, stream_step
 from .training import clip_by_global_norm_torch, make_tbptt_step, mse_loss, remat_apply
 
@@ -27,5 +28,9 @@ __all__ = [
     "Stateful",
     "stream_step",
     "bucket_length",
+    "with_mesh",
+    "ShardedModule",
+    "shard_batch",
+    "replicate",
     "make_tbptt_step", "remat_apply", "clip_by_global_norm_torch", "mse_loss",
 ]

@@ -25,7 +25,8 @@ from .cells import (
     declare_lstm_weights,
     lstm_step,
 )
-from .scan import run_stack
+from .scan import Step, run_stack
+from .sharding import BatchAxis, MeshLike, check_batch, resolve_mesh, run_stack_sharded
 
 Array = jax.Array
 
@@ -157,6 +158,56 @@ def _dropout(module: nn.Module, rate: float, masks, layer: int, ys: Array, layou
     else:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, ys.shape)
     return ys * (keep.astype(ys.dtype) / jnp.asarray(1.0 - rate, ys.dtype))
+
+
+def _keep_mask(
+    module: nn.Module, masks, layer: int, shape: tuple[int, ...], layout: _Layout
+) -> Array:
+    """Layer ``layer``'s full-batch keep mask ``(T, B, ...)``, drawn (or taken) before the batch
+    is split, in ``_dropout``'s order, so a mesh run equals the one-device run with its rng."""
+    if masks is None:
+        return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - module.dropout, shape)
+    keep = layout.sequence_in(jnp.asarray(masks[layer]))
+    if keep.shape != shape:
+        expected = shape if layout.time_major else (shape[1], shape[0]) + shape[2:]
+        raise ValueError(
+            f"dropout_masks[{layer}] has shape {tuple(masks[layer].shape)}, expected the "
+            f"layer output's shape {tuple(expected)}"
+        )
+    return keep
+
+
+def _run_on_mesh(
+    module: nn.Module,
+    step: Step,
+    layer_weights,
+    carry: Carry,
+    xs: Array,
+    layout: _Layout,
+    *,
+    lengths: Optional[Array],
+    reset: Optional[Array],
+    deterministic: bool,
+    dropout_masks,
+    mesh: MeshLike,
+    batch_axis: BatchAxis,
+    layer_features: tuple[int, ...],
+) -> tuple[Array, Carry]:
+    """The time-major stack split along the batch over ``mesh`` (see ``sharding``).
+
+    ``layer_features``: the trailing shape of one layer's output (for the dropout masks).
+    """
+    mesh = resolve_mesh(mesh, batch_axis)
+    check_batch(layout.batch, mesh, batch_axis)
+    keeps = None
+    if not deterministic and module.dropout > 0.0 and module.num_layers > 1:
+        shape = tuple(xs.shape[:2]) + tuple(layer_features)
+        keeps = [_keep_mask(module, dropout_masks, k, shape, layout)
+                 for k in range(module.num_layers - 1)]
+    return run_stack_sharded(
+        step, layer_weights, carry, xs, mesh=mesh, batch_axis=batch_axis, lengths=lengths,
+        reset=reset, keep_masks=keeps, dropout=module.dropout, unroll=module.unroll,
+    )
 
 
 class _LSTMParams(nn.Module):
@@ -291,6 +342,8 @@ class LSTM(nn.Module):
         reset: Optional[Array] = None,
         deterministic: bool = True,
         dropout_masks: Optional[Sequence[Array]] = None,
+        mesh: Optional[MeshLike] = None,
+        batch_axis: BatchAxis = "batch",
     ) -> tuple[Array, Carry]:
         """Runs the stack over a sequence.
 
@@ -304,6 +357,13 @@ class LSTM(nn.Module):
             deterministic: False enables inter-layer dropout.
             dropout_masks: optional keep masks, one per gap between layers, each shaped like
                 that layer's output in the input's layout; replaces the random draw (parity).
+            mesh: a ``jax.sharding.Mesh`` (or a ``NamedSharding``, for its mesh) to run
+                data-parallel: x, carry, seq_lengths, reset and the outputs split along the
+                batch over the ``batch_axis`` devices, parameters replicated, no collective in
+                the time loop; results equal the one-device run. The batch must be divisible
+                by the size of ``batch_axis`` and the input batched, else ValueError. Static
+                under jit: ``jax.jit(functools.partial(lstm.apply, mesh=mesh))``.
+            batch_axis: the mesh axis name (or tuple of names) that splits the batch.
 
         Returns:
             ``(y, (h_n, c_n))``: y ``(..., D*H_out)`` in the input's layout.
@@ -336,6 +396,19 @@ class LSTM(nn.Module):
             lengths = check_seq_lengths(seq_lengths, layout.batch, layout.num_steps)
         if reset is not None:
             reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
+        if mesh is not None:
+            ys, carry = _run_on_mesh(
+                self,
+                functools.partial(lstm_step, precision=self.precision),
+                layer_weights,
+                tuple(a.astype(dtype) for a in layout.carry_in(carry)),
+                layout.sequence_in(x.astype(dtype)),
+                layout,
+                lengths=lengths, reset=reset, deterministic=deterministic,
+                dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+                layer_features=(self.num_directions * self.output_size,),
+            )
+            return layout.sequence_out(ys), layout.carry_out(carry)
         between = None
         if not deterministic and self.dropout > 0.0:
             between = functools.partial(_dropout, self, self.dropout, dropout_masks, layout=layout)
@@ -423,13 +496,15 @@ class ConvLSTM(nn.Module):
         reset: Optional[Array] = None,
         deterministic: bool = True,
         dropout_masks: Optional[Sequence[Array]] = None,
+        mesh: Optional[MeshLike] = None,
+        batch_axis: BatchAxis = "batch",
     ) -> tuple[Array, Carry]:
         """Runs the stack over a sequence of frames.
 
         Arguments:
             x: ``(B, T, H, W, C)``, ``(T, B, H, W, C)`` when time_major, or ``(T, H, W, C)``.
             carry: ``(h, c)``, each ``(L, B, H, W, hidden)``; None for zeros.
-            seq_lengths, reset, deterministic, dropout_masks: as for ``LSTM``.
+            seq_lengths, reset, deterministic, dropout_masks, mesh, batch_axis: as for ``LSTM``.
 
         Returns:
             ``(y, (h_n, c_n))``: y the last layer's h at every step, in the input's layout.
@@ -466,6 +541,17 @@ class ConvLSTM(nn.Module):
         step = functools.partial(
             convlstm_step, dilation=as_pair(self.dilation, "dilation"), precision=self.precision
         )
+        if mesh is not None:
+            ys, carry = _run_on_mesh(
+                self, step, layer_weights,
+                tuple(a.astype(dtype) for a in layout.carry_in(carry)),
+                layout.sequence_in(x.astype(dtype)),
+                layout,
+                lengths=lengths, reset=reset, deterministic=deterministic,
+                dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+                layer_features=spatial + (self.hidden_channels,),
+            )
+            return layout.sequence_out(ys), layout.carry_out(carry)
         ys, carry = run_stack(
             step,
             layer_weights,

@@ -17,6 +17,15 @@ from flax import linen as nn
 
 from .cells import Carry
 from .modules import check_carry, check_reset, check_seq_lengths
+from .sharding import (
+    BatchAxis,
+    MeshLike,
+    ShardedModule,
+    batch_sharding,
+    check_batch,
+    replicate,
+    resolve_mesh,
+)
 
 Array = jax.Array
 
@@ -37,14 +46,23 @@ def stream_step(
     x: Array,
     seq_lengths: Optional[Array] = None,
     reset: Optional[Array] = None,
+    *,
+    mesh: Optional[MeshLike] = None,
+    batch_axis: BatchAxis = "batch",
 ) -> tuple[Array, Carry]:
     """The pure step of a stream: ``module.apply`` from a carry cut from the graph.
 
     ``stop_gradient`` on the incoming carry is truncated BPTT's boundary: gradients flow
-    through this chunk only.
+    through this chunk only. ``mesh``, ``batch_axis``: run split along the batch (see
+    ``LSTM.__call__``); bind them with ``functools.partial`` before ``jax.jit`` (static).
     """
     carry = jax.lax.stop_gradient(carry)
-    return module.apply(variables, x, carry, seq_lengths=seq_lengths, reset=reset)
+    if mesh is None:
+        return module.apply(variables, x, carry, seq_lengths=seq_lengths, reset=reset)
+    return module.apply(
+        variables, x, carry, seq_lengths=seq_lengths, reset=reset, mesh=mesh,
+        batch_axis=batch_axis,
+    )
 
 
 class Stateful:
@@ -54,6 +72,15 @@ class Stateful:
         module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM``.
         variables: its variables (``{'params': ...}``).
         carry: the initial ``(h, c)``; None starts from zeros at the first chunk.
+        mesh: a ``jax.sharding.Mesh`` (or ``NamedSharding``) to stream data-parallel: the
+            variables are replicated on it, every chunk (and its seq_lengths and reset) is
+            split along the batch over the ``batch_axis`` devices, and the carry stays split
+            between chunks (``carry`` returns arrays with a ``NamedSharding`` over
+            ``batch_axis``); no collective runs in the time loop. The stream must be batched,
+            with a batch divisible by the size of ``batch_axis``, else ValueError. A
+            ``jax_impl.sharding.ShardedModule`` (``with_mesh(module, mesh)``) as ``module``
+            brings its own mesh.
+        batch_axis: the mesh axis name (or tuple of names) that splits the batch.
 
     The step is ``jax.jit(stream_step)`` with the carry donated: its buffers are reused in
     place. ``carry`` hands out copies, so a carry you read stays valid.
@@ -66,9 +93,20 @@ class Stateful:
         >>> y2 = stream(jnp.ones((8, 5, 32)))         # continues; no new compile per length
         >>> stream.reset(jnp.array([True] + [False] * 7))   # row 0 starts a new sequence
         >>> h, c = stream.carry
+        >>> sharded = Stateful(lstm, variables, mesh=Mesh(np.array(jax.devices()), ("batch",)))
     """
 
-    def __init__(self, module: nn.Module, variables: Any, carry: Optional[Carry] = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        variables: Any,
+        carry: Optional[Carry] = None,
+        *,
+        mesh: Optional[MeshLike] = None,
+        batch_axis: BatchAxis = "batch",
+    ):
+        if isinstance(module, ShardedModule) and mesh is None:
+            module, mesh, batch_axis = module.module, module.mesh, module.batch_axis
         if not hasattr(module, "time_major") or not hasattr(module, "initialize_carry"):
             raise TypeError(
                 f"Stateful needs a jax_impl.LSTM or ConvLSTM, got {type(module).__name__}"
@@ -77,7 +115,16 @@ class Stateful:
         self.variables = variables
         self._feature_rank = 3 if hasattr(module, "hidden_channels") else 1
         self._carry: Optional[Carry] = None
-        self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
+        self.mesh = None if mesh is None else resolve_mesh(mesh, batch_axis)
+        self.batch_axis = batch_axis
+        if self.mesh is None:
+            self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
+        else:
+            self.variables = replicate(variables, self.mesh)
+            self.step = jax.jit(
+                functools.partial(stream_step, module, mesh=self.mesh, batch_axis=batch_axis),
+                donate_argnums=(1,),
+            )
         if carry is not None:
             self.carry = carry
 
@@ -100,7 +147,7 @@ class Stateful:
         h, c = (jnp.asarray(a) for a in carry)
         check_carry((h, c), self.module.carry_shapes(h.shape[1:-1]), "the module's carry layout")
         # copies: the step donates the carry, which must not delete the caller's arrays
-        self._carry = (jnp.array(h, copy=True), jnp.array(c, copy=True))
+        self._carry = self._place_carry((jnp.array(h, copy=True), jnp.array(c, copy=True)))
 
     @property
     def compilations(self) -> int:
@@ -127,6 +174,27 @@ class Stateful:
     def _batched_carry(self) -> bool:
         h = self._carry[0]
         return h.ndim == 2 + self._feature_rank
+
+    # -- the mesh ---------------------------------------------------------------------
+
+    def _place_carry(self, carry: Carry) -> Carry:
+        """The carry split along its batch dimension (1) over the mesh; unchanged without one."""
+        if self.mesh is None:
+            return carry
+        h = carry[0]
+        check_batch(h.shape[1] if h.ndim == 2 + self._feature_rank else None, self.mesh,
+                    self.batch_axis)
+        return tuple(
+            jax.device_put(a, batch_sharding(self.mesh, a.ndim, 1, self.batch_axis))
+            for a in carry
+        )
+
+    def _place_batch(self, value, batch_dim: int):
+        """A chunk-sized array split along ``batch_dim`` over the mesh; as is without one."""
+        if self.mesh is None or value is None:
+            return value
+        value = jnp.asarray(value)
+        return jax.device_put(value, batch_sharding(self.mesh, value.ndim, batch_dim, self.batch_axis))
 
     # -- streaming --------------------------------------------------------------------
 
@@ -155,10 +223,12 @@ class Stateful:
             raise ValueError(f"chunk has {num_steps} time steps, expected at least 1")
 
         if self._carry is None:
+            if self.mesh is not None:
+                check_batch(batch, self.mesh, self.batch_axis)  # before a placement fails on it
             spatial = tuple(x.shape[-1 - self._feature_rank + 1 : -1])
             batch_shape = ((batch,) if batched else ()) + spatial
             dtype = jax.eval_shape(self.module.apply, self.variables, x)[1][0].dtype
-            self._carry = self.module.initialize_carry(batch_shape, dtype)
+            self._carry = self._place_carry(self.module.initialize_carry(batch_shape, dtype))
         elif self._batched_carry() != batched or (
             batched and self._carry[0].shape[1] != batch
         ):
@@ -187,6 +257,10 @@ class Stateful:
                 expected, layout = (batch, num_steps), "(B, T)"
             reset = check_reset(reset, expected, layout)
             reset = jnp.pad(reset, widths[: reset.ndim])
+        if self.mesh is not None:
+            x = self._place_batch(x, 1 - time_axis)
+            lengths = self._place_batch(lengths, 0)
+            reset = self._place_batch(reset, 1 - time_axis)
         y, self._carry = self.step(self.variables, self._carry, x, lengths, reset)
         return jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
 

@@ -1,0 +1,364 @@
+"""Data parallelism over the batch: one axis of a ``jax.sharding.Mesh`` splits the rows.
+
+An LSTM's batch rows never interact, so every device runs the whole time loop on its own rows
+with a replicated copy of the weights: ``run_stack`` inside ``jax.shard_map``, with inputs,
+carry, lengths, resets and outputs split along the batch and no collective anywhere in the
+forward pass (the backward pass sums the weight gradients once, after the loop).
+
+The batch must divide evenly among the devices of the batch axis: an uneven batch is a
+``ValueError`` naming both numbers (pad the batch yourself, with ``seq_lengths`` 0 for the
+padded rows, if you need another size). Unbatched input cannot be split: also a ``ValueError``.
+
+Example:
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh
+    >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
+    >>> lstm = LSTM(hidden_size=64)
+    >>> x = jnp.ones((8 * len(jax.devices()), 100, 16))
+    >>> variables = lstm.init(jax.random.key(0), x)
+    >>> y, (h, c) = lstm.apply(variables, x, mesh=mesh)           # y split along the batch
+    >>> apply = jax.jit(functools.partial(lstm.apply, mesh=mesh))  # the mesh is static
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .scan import Step, run_stack
+
+Array = jax.Array
+BatchAxis = Union[str, tuple[str, ...]]
+MeshLike = Union[Mesh, NamedSharding]
+
+try:  # jax >= 0.6
+    _shard_map = jax.shard_map
+except AttributeError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+__all__ = [
+    "resolve_mesh", "batch_devices", "check_batch", "batch_spec", "batch_sharding",
+    "shard_batch", "replicate", "run_stack_sharded", "ShardedModule", "with_mesh",
+    "collectives", "loop_collectives",
+]
+
+
+# ------------------------------------------------------------------------------ the mesh
+
+
+def resolve_mesh(mesh: MeshLike, batch_axis: BatchAxis = "batch") -> Mesh:
+    """The ``Mesh`` to split the batch over, checked to have ``batch_axis``.
+
+    Arguments:
+        mesh: a ``jax.sharding.Mesh``, or a ``NamedSharding`` (its mesh is used).
+        batch_axis: the mesh axis name (or a tuple of names) the batch is split over; other
+            axes of the mesh hold replicas.
+
+    Returns:
+        The mesh.
+
+    Example:
+        >>> mesh = resolve_mesh(Mesh(np.array(jax.devices()), ("batch",)))
+    """
+    if isinstance(mesh, NamedSharding):
+        mesh = mesh.mesh
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh or NamedSharding, got {type(mesh).__name__}"
+        )
+    for name in _axis_names(batch_axis):
+        if name not in mesh.axis_names:
+            raise ValueError(
+                f"batch_axis {name!r} is not an axis of the mesh (axes {mesh.axis_names})"
+            )
+    return mesh
+
+
+def _axis_names(batch_axis: BatchAxis) -> tuple[str, ...]:
+    names = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"batch_axis must be a mesh axis name or a tuple of them, got {batch_axis!r}")
+    return names
+
+
+def batch_devices(mesh: Mesh, batch_axis: BatchAxis = "batch") -> int:
+    """How many ways the batch is split: the size of the batch axis (product if several)."""
+    return math.prod(mesh.shape[name] for name in _axis_names(batch_axis))
+
+
+def check_batch(batch: Optional[int], mesh: Mesh, batch_axis: BatchAxis = "batch") -> None:
+    """Raises ValueError unless a batch of ``batch`` rows (None: unbatched) splits evenly.
+
+    Example:
+        >>> check_batch(6, mesh)   # ValueError on a 4-device batch axis, fine on 2 or 3
+    """
+    devices = batch_devices(mesh, batch_axis)
+    if batch is None:
+        raise ValueError(
+            f"a mesh needs batched input to split along batch axis {batch_axis!r}, got unbatched "
+            f"input; add a batch axis of size divisible by {devices}"
+        )
+    if batch % devices:
+        raise ValueError(
+            f"batch {batch} is not divisible by the {devices} devices of mesh axis "
+            f"{batch_axis!r}; use a batch that is a multiple of {devices} (pad rows with "
+            f"seq_lengths 0)"
+        )
+
+
+def batch_spec(ndim: int, batch_dim: int, batch_axis: BatchAxis = "batch") -> PartitionSpec:
+    """``PartitionSpec`` splitting dimension ``batch_dim`` of a rank-``ndim`` array, rest whole.
+
+    Trailing Nones are left out, as jit writes its outputs' specs: an equal but differently
+    spelled spec would miss jit's dispatch cache (a carry placed by hand, then one from a step).
+    """
+    if not 0 <= batch_dim < ndim:
+        raise ValueError(f"batch_dim must lie in [0, {ndim}) for a rank-{ndim} array, got {batch_dim}")
+    return PartitionSpec(*([None] * batch_dim), batch_axis)
+
+
+def batch_sharding(
+    mesh: Mesh, ndim: int, batch_dim: int = 0, batch_axis: BatchAxis = "batch"
+) -> NamedSharding:
+    """The ``NamedSharding`` of a rank-``ndim`` array split along ``batch_dim``.
+
+    Example:
+        >>> carry_sharding = batch_sharding(mesh, 3, batch_dim=1)   # (L*D, B, H)
+    """
+    return NamedSharding(mesh, batch_spec(ndim, batch_dim, batch_axis))
+
+
+def shard_batch(x: Any, mesh: MeshLike, batch_dim: int = 0, batch_axis: BatchAxis = "batch") -> Any:
+    """Places every array of ``x`` (a pytree) on ``mesh``, split along ``batch_dim``.
+
+    Arguments:
+        x: arrays sharing a batch dimension at ``batch_dim``.
+        mesh: the mesh; batch_axis: its axis that splits the batch.
+
+    Returns:
+        The same pytree of sharded ``jax.Array``s.
+
+    Example:
+        >>> x = shard_batch(np.ones((8, 100, 16), np.float32), mesh)     # (B, T, F)
+        >>> carry = shard_batch(lstm.initialize_carry((8,)), mesh, batch_dim=1)
+    """
+    mesh = resolve_mesh(mesh, batch_axis)
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, batch_sharding(mesh, jnp.ndim(a), batch_dim, batch_axis)), x
+    )
+
+
+def replicate(tree: Any, mesh: MeshLike) -> Any:
+    """A copy of every array of ``tree`` on every device of ``mesh`` (parameters).
+
+    Example:
+        >>> variables = replicate(variables, mesh)
+    """
+    mesh = mesh.mesh if isinstance(mesh, NamedSharding) else mesh
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh or NamedSharding, got {type(mesh).__name__}"
+        )
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def _scaled(ys: Array, keep: Array, rate: float) -> Array:
+    """torch's F.dropout between layers: ``y * (keep / (1 - p))``."""
+    return ys * (keep.astype(ys.dtype) / jnp.asarray(1.0 - rate, ys.dtype))
+
+
+def run_stack_sharded(
+    step: Step,
+    layer_weights: Sequence[Sequence[Any]],
+    carry: tuple[Array, Array],
+    xs: Array,
+    *,
+    mesh: Mesh,
+    batch_axis: BatchAxis = "batch",
+    lengths: Optional[Array] = None,
+    reset: Optional[Array] = None,
+    keep_masks: Optional[Sequence[Array]] = None,
+    dropout: float = 0.0,
+    unroll: int = 1,
+) -> tuple[Array, tuple[Array, Array]]:
+    """``scan.run_stack`` with the batch split over ``mesh``: each device runs its own rows.
+
+    Arguments:
+        step, layer_weights, carry, xs, lengths, reset, unroll: as for ``run_stack``
+            (time-major: ``xs`` ``(T, B, ...)``, carry ``(L*D, B, ...)``, reset ``(T, B)``);
+            the weights are replicated, everything else is split along B.
+        mesh, batch_axis: the mesh and its axis that splits B (B divisible by its size; the
+            caller checks, so the message names the user's shapes).
+        keep_masks: inter-layer dropout keep masks for the full batch, each ``(T, B, ...)``
+            like the layer's output, drawn outside (so the run equals the one-device run with
+            the same rng); applied as ``y * (keep / (1 - dropout))``. None: no dropout.
+
+    Returns:
+        ``(ys, (h_n, c_n))`` as ``run_stack`` returns them, split along B.
+
+    Example:
+        >>> ys, (h, c) = run_stack_sharded(lstm_step, weights, carry, xs, mesh=mesh)
+    """
+    batched = batch_spec(2, 1, batch_axis)  # P(None, axis): dimension 1 is B for all of them
+
+    def local(layer_weights, carry, xs, lengths, reset, keep_masks):
+        between = None
+        if keep_masks is not None:
+            between = lambda layer, ys: _scaled(ys, keep_masks[layer], dropout)  # noqa: E731
+        return run_stack(
+            step, layer_weights, carry, xs, lengths=lengths, reset=reset,
+            between_layers=between, unroll=unroll,
+        )
+
+    # A spec is a tree prefix: one PartitionSpec covers a whole (possibly empty) subtree.
+    sharded = _shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), batched, batched, PartitionSpec(batch_axis), batched, batched),
+        out_specs=(batched, batched),
+    )
+    keep_masks = None if keep_masks is None else list(keep_masks)
+    return sharded(layer_weights, tuple(carry), xs, lengths, reset, keep_masks)
+
+
+# ------------------------------------------------------------------------------ a module view
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedModule:
+    """``module`` whose ``apply`` always runs over ``mesh``: for code that only calls ``apply``.
+
+    Hashable (a static argument of ``jax.jit``) when the module is; every other attribute is
+    the module's. ``jax_impl.Stateful`` unwraps it and keeps its carry on the mesh.
+
+    Example:
+        >>> port = with_mesh(lstm, mesh)
+        >>> y, carry = port.apply(variables, x)         # == lstm.apply(variables, x, mesh=mesh)
+        >>> report = parity.compare(torch_lstm, x_torch, jax_module=port, variables=variables)
+    """
+
+    module: Any
+    mesh: Mesh
+    batch_axis: BatchAxis = "batch"
+
+    def apply(self, variables: Any, *args, **kwargs):
+        return self.module.apply(
+            variables, *args, mesh=self.mesh, batch_axis=self.batch_axis, **kwargs
+        )
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("module", "mesh", "batch_axis"):
+            raise AttributeError(name)  # no recursion while (un)pickling or copying
+        return getattr(self.module, name)
+
+
+def with_mesh(module: Any, mesh: MeshLike, batch_axis: BatchAxis = "batch") -> ShardedModule:
+    """``module`` with its ``apply`` split along the batch over ``mesh`` (see ``ShardedModule``).
+
+    Example:
+        >>> y, carry = with_mesh(lstm, mesh).apply(variables, x)
+    """
+    return ShardedModule(module, resolve_mesh(mesh, batch_axis), batch_axis)
+
+
+# ------------------------------------------------------------------------------ HLO checks
+
+COLLECTIVE_OPS = (
+    "all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
+    "collective-broadcast", "ragged-all-to-all",
+)
+_OP = re.compile(r"\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-start|-done)?\(")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(
+    r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """HLO module text -> ``{computation name: its instruction lines}``."""
+    computations: dict[str, list[str]] = {}
+    current: Optional[list[str]] = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            match = _HEADER.match(line)
+            if match and not line.startswith((" ", "\t", "HloModule")):
+                current = computations.setdefault(match.group(1), [])
+        elif line.strip() == "}":
+            current = None
+        else:
+            current.append(line)
+    return computations
+
+
+def _called(lines: list[str]) -> set[str]:
+    names: set[str] = set()
+    for line in lines:
+        names.update(_CALLED.findall(line))
+        for group in _BRANCHES.findall(line):
+            names.update(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+    return names
+
+
+def collectives(hlo_text: str) -> list[tuple[str, str]]:
+    """Every collective op in an HLO module's text, as ``(computation, op)`` pairs.
+
+    Example:
+        >>> text = jax.jit(f).lower(x).compile().as_text()
+        >>> assert collectives(text) == []
+    """
+    return [
+        (name, match.group(1))
+        for name, lines in _computations(hlo_text).items()
+        for line in lines
+        for match in _OP.finditer(line)
+    ]
+
+
+def loop_collectives(hlo_text: str) -> tuple[list[tuple[str, str]], int]:
+    """The collective ops that run inside a ``while`` loop (the time loop's body and condition,
+    and every computation they call, however deep).
+
+    Arguments:
+        hlo_text: an HLO module's text, e.g. ``jax.jit(f).lower(...).compile().as_text()``.
+
+    Returns:
+        ``(found, loops)``: ``found`` the ``(computation, op)`` pairs inside loops; ``loops``
+        how many while bodies were seen (0 means there was no loop to check).
+
+    Example:
+        >>> found, loops = loop_collectives(compiled_text)
+        >>> assert loops and not found
+    """
+    computations = _computations(hlo_text)
+    bodies = {m for lines in computations.values() for line in lines
+              for m in _WHILE_BODY.findall(line)}
+    inside: set[str] = set()
+    frontier = set(bodies)
+    for lines in computations.values():  # loop conditions count as the loop too
+        for line in lines:
+            if " while(" in line:
+                frontier.update(re.findall(r"\bcondition=%?([\w.\-]+)", line))
+    while frontier:
+        name = frontier.pop()
+        if name in inside or name not in computations:
+            continue
+        inside.add(name)
+        frontier |= _called(computations[name])
+    found = [
+        (name, match.group(1))
+        for name in sorted(inside)
+        for line in computations[name]
+        for match in _OP.finditer(line)
+    ]
+    return found, len(bodies)

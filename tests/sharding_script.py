@@ -1,0 +1,203 @@
+"""Sharded-vs-one-device checks, run by ``tests/test_sharding.py`` in a process of its own.
+
+The forced host device count must be set before JAX creates its CPU backend, which the rest of
+the suite has done long before; so this script sets it and prints one JSON object of results
+(``{"check name": {...}}``) on its last line for the test to assert on.
+
+Run by hand: ``python tests/sharding_script.py [devices]`` (default 4).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a file, this directory would lead sys.path, and tests/jax_impl/ would shadow jax_impl.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+DEVICES = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+import json  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+import jax_impl  # noqa: E402
+from jax_impl.sharding import collectives, loop_collectives  # noqa: E402
+
+
+def _normal(rng: np.random.Generator, shape) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+
+def _compare(one, many) -> dict:
+    """Bitwise equality and the largest abs difference over two pytrees of arrays."""
+    pairs = list(zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)))
+    return {
+        "bitwise": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+        "max_abs": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs),
+        "dtypes_equal": all(a.dtype == b.dtype for a, b in pairs),
+    }
+
+
+def _batch_spec(array: jax.Array) -> Any:
+    """The mesh axis named by ``array``'s NamedSharding at each dimension (None elsewhere)."""
+    sharding = array.sharding
+    if not isinstance(sharding, NamedSharding):
+        return f"not a NamedSharding: {type(sharding).__name__}"
+    return list(sharding.spec) + [None] * (array.ndim - len(sharding.spec))
+
+
+def _sharded_and_plain(f, args: tuple, mesh) -> tuple[Any, Any, str]:
+    """``(one-device result, mesh result, compiled HLO text of the mesh program)``."""
+    plain = jax.jit(f)(*args)
+    compiled = jax.jit(functools.partial(f, mesh=mesh)).lower(*args).compile()
+    return plain, compiled(*args), compiled.as_text()
+
+
+def _hlo(text: str) -> dict:
+    found, loops = loop_collectives(text)
+    return {"while_loops": loops, "in_loops": found, "anywhere": collectives(text)}
+
+
+def check_lstm(mesh: Mesh) -> dict:
+    """2 layers, bidirectional, proj_size, seq_lengths, reset, a random carry, and inter-layer
+    dropout (one program for all: the keep masks are drawn for the whole batch, so the same
+    rng must give the same result on the mesh)."""
+    rng = np.random.default_rng(0)
+    batch, steps = 2 * DEVICES, 6
+    lstm = jax_impl.LSTM(8, num_layers=2, bidirectional=True, proj_size=5, dropout=0.25)
+    x = _normal(rng, (batch, steps, 3))
+    variables = lstm.init(jax.random.key(0), x)
+    carry = tuple(_normal(rng, s) for s in lstm.carry_shapes((batch,)))
+    lengths = jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32)
+    reset = jnp.asarray(rng.random((batch, steps)) < 0.2)
+
+    def run(variables, x, carry, lengths, reset, key, mesh=None):
+        return lstm.apply(
+            variables, x, carry, seq_lengths=lengths, reset=reset, deterministic=False,
+            rngs={"dropout": key}, mesh=mesh,
+        )
+
+    args = (variables, x, carry, lengths, reset, jax.random.key(7))
+    plain, sharded, text = _sharded_and_plain(run, args, mesh)
+    result = _compare(plain, sharded)
+    result["hlo"] = _hlo(text)
+    result["output_spec"] = _batch_spec(sharded[0])
+    result["carry_specs"] = [_batch_spec(a) for a in sharded[1]]
+    # the dropout really acted: the traced program draws random bits (tracing compiles nothing)
+    result["draws_dropout"] = "random_bits" in str(jax.make_jaxpr(run)(*args))
+    return result
+
+
+def check_convlstm(mesh: Mesh) -> dict:
+    """2 layers, time-major, seq_lengths, reset; on a mesh with a second (replica) axis."""
+    rng = np.random.default_rng(1)
+    batch, steps = DEVICES, 5
+    model = jax_impl.ConvLSTM(4, kernel_size=3, num_layers=2, time_major=True)
+    x = _normal(rng, (steps, batch, 6, 6, 2))
+    variables = model.init(jax.random.key(1), x)
+    carry = tuple(_normal(rng, s) for s in model.carry_shapes((batch, 6, 6)))
+    lengths = jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32)
+    reset = jnp.asarray(rng.random((steps, batch)) < 0.2)
+
+    def run(variables, x, carry, lengths, reset, mesh=None):
+        return model.apply(variables, x, carry, seq_lengths=lengths, reset=reset, mesh=mesh)
+
+    # batch split over "batch" (half the devices), replicated over "replica"
+    grid = Mesh(np.array(jax.devices()).reshape(DEVICES // 2, 2), ("batch", "replica"))
+    plain, sharded, text = _sharded_and_plain(run, (variables, x, carry, lengths, reset), grid)
+    result = _compare(plain, sharded)
+    result["hlo"] = _hlo(text)
+    result["output_spec"] = _batch_spec(sharded[0])
+    return result
+
+
+def check_stateful(mesh: Mesh) -> dict:
+    """A ragged stream (chunks of 5, 6 and 2 steps, a row reset, lengths) on the mesh and off."""
+    rng = np.random.default_rng(2)
+    batch = 2 * DEVICES
+    lstm = jax_impl.LSTM(8, num_layers=2)
+    x = _normal(rng, (batch, 13, 3))
+    variables = lstm.init(jax.random.key(2), x)
+    plain, sharded = jax_impl.Stateful(lstm, variables), jax_impl.Stateful(lstm, variables, mesh=mesh)
+    chunks, start, diffs, carry_specs, output_specs = [5, 6, 2], 0, [], [], []
+    mask = np.arange(batch) % 3 == 0
+    lengths = rng.integers(0, 3, batch).astype(np.int32)
+    for k, n in enumerate(chunks):
+        chunk = x[:, start : start + n]
+        options = {"seq_lengths": lengths} if k == 2 else {}
+        y_plain, y_sharded = plain(chunk, **options), sharded(chunk, **options)
+        diffs.append(_compare((y_plain, plain.carry), (y_sharded, sharded.carry)))
+        carry_specs.append([_batch_spec(a) for a in sharded.carry])
+        output_specs.append(_batch_spec(y_sharded))
+        if k == 0:
+            plain.reset(mask), sharded.reset(mask)
+            carry_specs.append([_batch_spec(a) for a in sharded.carry])  # after reset(mask)
+        start += n
+    return {
+        "bitwise": all(d["bitwise"] for d in diffs),
+        "max_abs": max(d["max_abs"] for d in diffs),
+        "carry_specs": carry_specs,
+        "output_specs": output_specs,
+        "compilations": sharded.compilations,
+    }
+
+
+def check_errors(mesh: Mesh) -> dict:
+    """The messages of the ValueErrors for a batch the mesh cannot split, and no batch at all."""
+    lstm = jax_impl.LSTM(4)
+    odd = jnp.ones((DEVICES + 1, 3, 2))
+    variables = lstm.init(jax.random.key(0), odd)
+    messages = {}
+    cases = {
+        "apply_batch": lambda: lstm.apply(variables, odd, mesh=mesh),
+        "apply_unbatched": lambda: lstm.apply(variables, odd[0], mesh=mesh),
+        "stateful_batch": lambda: jax_impl.Stateful(lstm, variables, mesh=mesh)(odd),
+        "stateful_unbatched": lambda: jax_impl.Stateful(lstm, variables, mesh=mesh)(odd[0]),
+        "bad_axis": lambda: lstm.apply(variables, odd, mesh=mesh, batch_axis="rows"),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
+
+
+def check_detector(mesh: Mesh) -> dict:
+    """The HLO parser must see a collective placed inside a loop (else its silence means little)."""
+
+    def body(h, x):
+        return h + jax.lax.psum(x, "batch"), h
+
+    def f(xs):
+        return jax.lax.scan(body, jnp.zeros(xs.shape[1:], xs.dtype), xs)[0]
+
+    sharded = jax.shard_map(
+        f, mesh=mesh, in_specs=PartitionSpec(None, "batch"), out_specs=PartitionSpec("batch")
+    )
+    text = jax.jit(sharded).lower(jnp.ones((4, 2 * DEVICES))).compile().as_text()
+    return _hlo(text)
+
+
+def main() -> None:
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    results = {"devices": len(jax.devices())}
+    for check in (check_lstm, check_convlstm, check_stateful, check_errors, check_detector):
+        results[check.__name__.removeprefix("check_")] = check(mesh)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
