@@ -229,6 +229,14 @@ def as_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def check_int(value, name: str, minimum: int) -> None:
+    """An int (not a bool) >= ``minimum``, else a TypeError / ValueError naming both."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def computation_dtype(dtype, x: Array, weights) -> Any:
     """Flax's rule: the explicit ``dtype``, else the promotion of the input and the params."""
     if dtype is not None:
@@ -263,6 +271,16 @@ class LSTMCell(nn.RNNCellBase):
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
     precision: PrecisionLike = None
+
+    def __post_init__(self):
+        check_int(self.hidden_size, "hidden_size", 1)
+        check_int(self.proj_size, "proj_size", 0)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
+                f"got {self.proj_size}"
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, carry: Carry, x: Array) -> tuple[Carry, Array]:
@@ -310,6 +328,12 @@ class ConvLSTMCell(nn.RNNCellBase):
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
     precision: PrecisionLike = None
+
+    def __post_init__(self):
+        check_int(self.hidden_channels, "hidden_channels", 1)
+        as_pair(self.kernel_size, "kernel_size")
+        as_pair(self.dilation, "dilation")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, carry: Carry, x: Array) -> tuple[Carry, Array]:

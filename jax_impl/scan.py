@@ -68,6 +68,9 @@ def scan_direction(
         ``(final_carry, ys)`` with ``ys`` ``(T, B, ...)`` in the original time order.
     """
     num_steps = xs.shape[0]
+    if reset is not None and lengths is not None:
+        # A flag in a row's padding belongs to no step of it: it must not touch its carry.
+        reset = reset & (jnp.arange(num_steps)[:, None] < lengths[None, :])
     if reverse and reset is not None:
         # Seen backwards, a segment starting at t ends at t: zero before step t-1 instead.
         reset = jnp.concatenate([reset[1:], jnp.zeros_like(reset[:1])], axis=0)

@@ -246,13 +246,6 @@ def test_convlstm_cell_under_flax_rnn_and_lax_scan_matches_convlstm_module(rng):
     np.testing.assert_allclose(c_scan, c_ref[0], rtol=0, atol=F32_ATOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jax_impl/cells.py: LSTMCell and ConvLSTMCell do not validate their fields at "
-    "construction (DESIGN: 'Constructors validate their arguments'); LSTMCell accepts "
-    "hidden_size=0 and proj_size >= hidden_size, ConvLSTMCell's kernel_size/dilation are "
-    "only checked when the cell is first called",
-)
 @pytest.mark.parametrize(
     "make",
     [

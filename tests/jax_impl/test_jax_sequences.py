@@ -319,16 +319,6 @@ def test_reset_with_seq_lengths_matches_numpy_reference_float64(x64):
 
 
 # reset flags in the padding of a row (t >= its length) are not steps of that row
-PADDING_BUG = (
-    "jax_impl/scan.py scan_direction: the reset mask is not restricted to the valid steps. "
-    "Forward: body() zeroes the carry at a reset flag at t >= len and the masked update "
-    "`_where_rows(is_valid, new_carry, carry)` then keeps the zeroed carry, so h_n/c_n become 0. "
-    "Reverse: the reset shifted by one step puts a flag at t == len onto step len-1, zeroing "
-    "the initial carry. Fix: `reset = reset & valid` before the shift/reversal."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PADDING_BUG)
 def test_forward_reset_flag_past_the_length_does_not_zero_the_final_carry(uni_lstm):
     module, variables, x, carry = uni_lstm
     lengths = np.asarray([3, 6, 2, 0])
@@ -347,7 +337,6 @@ def test_forward_reset_flag_past_the_length_does_not_zero_the_final_carry(uni_ls
     np.testing.assert_array_equal(c, c_ref)
 
 
-@pytest.mark.xfail(strict=True, reason=PADDING_BUG)
 def test_reverse_reset_flag_right_after_the_length_does_not_zero_the_initial_carry(bi_lstm):
     module, variables, x, carry = bi_lstm
     lengths = np.asarray([3, 6, 2, 4])
