@@ -1,14 +1,18 @@
 """``python -m parity``: the validation run over a grid of configurations.
 
 Prints a table (configuration, chunking, max abs error per tensor, bound, pass/fail) and exits 1
-on any mismatch. ``--quick`` finishes in under a minute on 2 cores.
+on any mismatch. ``--quick`` finishes in under a minute on 2 cores. ``--devices N`` validates the
+JAX side split along the batch over a mesh of N devices (forced CPU devices where fewer exist).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +24,8 @@ import torch
 import torch_impl
 
 from .harness import Report, compare
+
+DEVICES_CHILD = "CARRYOVER_PARITY_DEVICES_CHILD"  # set in the re-executed child: no second re-exec
 
 
 @dataclass
@@ -69,13 +75,69 @@ CASES = [
 ]
 
 
-def _run(case: Case, dtype: torch.dtype, seed: int, atol: float | None = None) -> Report:
+def _run(case: Case, dtype: torch.dtype, seed: int, atol: float | None = None, mesh=None) -> Report:
     torch.manual_seed(seed)
     module = case.make().eval()
     x = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1))
-    report = compare(module, x, dtype=dtype, seed=seed, atol=atol, **case.options)
-    report.config = f"{case.name}"
+    port = {} if mesh is None else _sharded_port(module, dtype, mesh)
+    report = compare(module, x, dtype=dtype, seed=seed, atol=atol, **port, **case.options)
+    report.config = f"{case.name}" + ("" if mesh is None else f" [{mesh.size} devices]")
     return report
+
+
+# ------------------------------------------------------------------------- --devices N
+
+
+def _sharded_port(module: torch.nn.Module, dtype: torch.dtype, mesh) -> dict:
+    """``compare``'s ``jax_module``/``variables``: ``to_jax`` of the module in ``dtype``, its
+    apply split along the batch over ``mesh`` (``jax_impl.with_mesh``)."""
+    import jax
+
+    import jax_impl
+
+    from .convert import to_jax
+
+    with jax.enable_x64(dtype == torch.float64):  # float64 weights need x64 to stay float64
+        jax_module, variables = to_jax(copy.deepcopy(module).to(dtype))
+    return {"jax_module": jax_impl.with_mesh(jax_module, mesh), "variables": variables}
+
+
+def _unshardable(case: Case, devices: int) -> str | None:
+    """Why ``case`` cannot run split over ``devices`` devices (None: it can)."""
+    module = case.make()
+    if not isinstance(module, (torch.nn.LSTM, torch_impl.ConvLSTM2d)):
+        return f"{type(module).__name__} is a cell (no batch-split module)"
+    if len(case.shape) != (3 if isinstance(module, torch.nn.LSTM) else 5):
+        return "unbatched input"
+    batch = case.shape[0 if module.batch_first else 1]
+    if batch % devices:
+        return f"batch {batch} is not divisible by {devices} devices"
+    return None
+
+
+def _reexec_with_devices(argv: list[str], devices: int) -> int:
+    """Runs ``python -m parity argv`` again in a child whose JAX sees ``devices`` forced CPU
+    devices (the flag is read when JAX starts its backend: too late in this process)."""
+    import jax
+
+    env = dict(os.environ)
+    env[DEVICES_CHILD] = "1"
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ).strip()
+    if jax.default_backend() != "cpu":
+        print(f"{jax.default_backend()} has {len(jax.devices())} device(s) < {devices}: "
+              f"validating on {devices} forced CPU devices", file=sys.stderr)
+    env["JAX_PLATFORMS"] = "cpu"  # forced host devices exist on the CPU platform only
+    return subprocess.run([sys.executable, "-m", "parity", *argv], env=env).returncode
+
+
+def _mesh(devices: int):
+    """A one-axis ``("batch",)`` mesh over the first ``devices`` JAX devices."""
+    import jax
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()[:devices]), ("batch",))
 
 
 def _environment() -> dict:
@@ -175,7 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", metavar="TEXT", help="run the configurations whose name contains TEXT")
     parser.add_argument("--atol", type=float, help="override the forward bound (default: DESIGN.md's per dtype)")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="run the JAX side split along the batch over a mesh of N devices "
+                             "(batched LSTM/ConvLSTM cases whose batch N divides; forced CPU "
+                             "devices in a child process where JAX has fewer)")
     args = parser.parse_args(argv)
+    mesh = None
+    if args.devices < 1:
+        parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > 1:
+        import jax
+
+        if len(jax.devices()) < args.devices:
+            if os.environ.get(DEVICES_CHILD):
+                print(f"--devices {args.devices}: JAX still sees {len(jax.devices())} device(s)",
+                      file=sys.stderr)
+                return 2
+            return _reexec_with_devices(sys.argv[1:] if argv is None else list(argv), args.devices)
+        mesh = _mesh(args.devices)
 
     from rich.console import Console
     from rich.progress import Progress
@@ -183,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 150)
     dtypes = {"float32": [torch.float32], "float64": [torch.float64], "both": [torch.float32, torch.float64]}[args.dtype]
     cases = [c for c in CASES if (c.quick or not args.quick) and (not args.only or args.only in c.name)]
+    if mesh is not None:
+        skipped = {c.name: _unshardable(c, args.devices) for c in cases}
+        for name, why in skipped.items():
+            if why:
+                console.print(f"--devices {args.devices}: skipping {name} ({why})")
+        cases = [c for c in cases if not skipped[c.name]]
     results: list[Report] = []
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
@@ -190,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for dtype in dtypes:
                 progress.update(task, description=f"{case.name} [{str(dtype)[6:]}]")
-                results.append(_run(case, dtype, args.seed, args.atol))
+                results.append(_run(case, dtype, args.seed, args.atol, mesh))
                 progress.advance(task)
     console.print(_table(results))
     failures = [r for r in results if not r.ok]
     elapsed = time.perf_counter() - started
     summary = {"ok": not failures, "configurations": len(results), "failed": len(failures), "seconds": round(elapsed, 1)}
+    if mesh is not None:
+        summary["devices"] = args.devices
     if args.plot:
         summary["drift"] = plot_drift(args.plot)
         console.print(f"drift plot written to {args.plot}: {json.dumps(summary['drift'])}")
