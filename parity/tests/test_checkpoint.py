@@ -41,6 +41,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import jax, numpy as np, torch
     from parity.checkpoint import load_stream
 
+    torch.set_num_threads(1)  # as in the parent: the same kernels, the same bits
     for job in json.load(open(sys.argv[1])):
         x64 = jax.enable_x64(True) if job["x64"] else contextlib.nullcontext()
         with x64:
