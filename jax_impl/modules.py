@@ -19,13 +19,14 @@ from .cells import (
     PrecisionLike,
     as_pair,
     cast_weights,
+    check_int,
     computation_dtype,
     convlstm_step,
     declare_convlstm_weights,
     declare_lstm_weights,
     lstm_step,
 )
-from .scan import Step, run_stack
+from .scan import Step, run_stack_jit
 from .sharding import BatchAxis, MeshLike, check_batch, resolve_mesh, run_stack_sharded
 
 Array = jax.Array
@@ -146,27 +147,18 @@ class _Layout:
         return carry if self.batched else tuple(a[:, 0] for a in carry)
 
 
-def _dropout(module: nn.Module, rate: float, masks, layer: int, ys: Array, layout) -> Array:
-    """torch's F.dropout between layers: ``y * (keep / (1 - p))``; masks injectable for parity."""
-    if masks is not None:
-        keep = layout.sequence_in(jnp.asarray(masks[layer]))
-        if keep.shape != ys.shape:
-            raise ValueError(
-                f"dropout_masks[{layer}] has shape {tuple(masks[layer].shape)}, expected the "
-                f"layer output's shape {tuple(layout.sequence_out(ys).shape)}"
-            )
-    else:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, ys.shape)
-    return ys * (keep.astype(ys.dtype) / jnp.asarray(1.0 - rate, ys.dtype))
-
-
 def _keep_mask(
     module: nn.Module, masks, layer: int, shape: tuple[int, ...], layout: _Layout
 ) -> Array:
     """Layer ``layer``'s full-batch keep mask ``(T, B, ...)``, drawn (or taken) before the batch
-    is split, in ``_dropout``'s order, so a mesh run equals the one-device run with its rng."""
+    is split, so a mesh run equals the one-device run with its rng."""
     if masks is None:
         return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - module.dropout, shape)
+    if len(masks) != module.num_layers - 1:
+        raise ValueError(
+            f"dropout_masks has {len(masks)} masks, expected {module.num_layers - 1} "
+            f"(one per gap between the {module.num_layers} layers)"
+        )
     keep = layout.sequence_in(jnp.asarray(masks[layer]))
     if keep.shape != shape:
         expected = shape if layout.time_major else (shape[1], shape[0]) + shape[2:]
@@ -177,7 +169,18 @@ def _keep_mask(
     return keep
 
 
-def _run_on_mesh(
+@functools.lru_cache(maxsize=None)
+def _lstm_step(precision) -> Step:
+    """One step function object per option set: a static argument that jit can cache on."""
+    return functools.partial(lstm_step, precision=precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _convlstm_step(dilation: tuple[int, int], precision) -> Step:
+    return functools.partial(convlstm_step, dilation=dilation, precision=precision)
+
+
+def _run(
     module: nn.Module,
     step: Step,
     layer_weights,
@@ -189,21 +192,27 @@ def _run_on_mesh(
     reset: Optional[Array],
     deterministic: bool,
     dropout_masks,
-    mesh: MeshLike,
+    mesh: Optional[MeshLike],
     batch_axis: BatchAxis,
     layer_features: tuple[int, ...],
 ) -> tuple[Array, Carry]:
-    """The time-major stack split along the batch over ``mesh`` (see ``sharding``).
+    """The time-major stack, on one device or split along the batch over ``mesh``.
 
-    ``layer_features``: the trailing shape of one layer's output (for the dropout masks).
+    Dropout keep masks are drawn here, for the full batch, so a mesh run equals the one-device
+    run with the same rng. ``layer_features``: the trailing shape of one layer's output.
     """
-    mesh = resolve_mesh(mesh, batch_axis)
-    check_batch(layout.batch, mesh, batch_axis)
     keeps = None
     if not deterministic and module.dropout > 0.0 and module.num_layers > 1:
         shape = tuple(xs.shape[:2]) + tuple(layer_features)
         keeps = [_keep_mask(module, dropout_masks, k, shape, layout)
                  for k in range(module.num_layers - 1)]
+    if mesh is None:
+        return run_stack_jit(
+            step, layer_weights, carry, xs, lengths=lengths, reset=reset,
+            keep_masks=keeps, dropout=module.dropout, unroll=module.unroll,
+        )
+    mesh = resolve_mesh(mesh, batch_axis)
+    check_batch(layout.batch, mesh, batch_axis)
     return run_stack_sharded(
         step, layer_weights, carry, xs, mesh=mesh, batch_axis=batch_axis, lengths=lengths,
         reset=reset, keep_masks=keeps, dropout=module.dropout, unroll=module.unroll,
@@ -237,13 +246,6 @@ class _ConvLSTMParams(nn.Module):
             self, in_channels, self.hidden_channels, self.kernel_size, self.use_bias,
             self.param_dtype,
         )
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_dropout(rate) -> None:
@@ -299,10 +301,10 @@ class LSTM(nn.Module):
     unroll: int = 1
 
     def __post_init__(self):
-        _check_int(self.hidden_size, "hidden_size", 1)
-        _check_int(self.num_layers, "num_layers", 1)
-        _check_int(self.proj_size, "proj_size", 0)
-        _check_int(self.unroll, "unroll", 1)
+        check_int(self.hidden_size, "hidden_size", 1)
+        check_int(self.num_layers, "num_layers", 1)
+        check_int(self.proj_size, "proj_size", 0)
+        check_int(self.unroll, "unroll", 1)
         if self.proj_size >= self.hidden_size:
             raise ValueError(
                 f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
@@ -396,32 +398,16 @@ class LSTM(nn.Module):
             lengths = check_seq_lengths(seq_lengths, layout.batch, layout.num_steps)
         if reset is not None:
             reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
-        if mesh is not None:
-            ys, carry = _run_on_mesh(
-                self,
-                functools.partial(lstm_step, precision=self.precision),
-                layer_weights,
-                tuple(a.astype(dtype) for a in layout.carry_in(carry)),
-                layout.sequence_in(x.astype(dtype)),
-                layout,
-                lengths=lengths, reset=reset, deterministic=deterministic,
-                dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
-                layer_features=(self.num_directions * self.output_size,),
-            )
-            return layout.sequence_out(ys), layout.carry_out(carry)
-        between = None
-        if not deterministic and self.dropout > 0.0:
-            between = functools.partial(_dropout, self, self.dropout, dropout_masks, layout=layout)
-
-        ys, carry = run_stack(
-            functools.partial(lstm_step, precision=self.precision),
+        ys, carry = _run(
+            self,
+            _lstm_step(self.precision),
             layer_weights,
             tuple(a.astype(dtype) for a in layout.carry_in(carry)),
             layout.sequence_in(x.astype(dtype)),
-            lengths=lengths,
-            reset=reset,
-            between_layers=between,
-            unroll=self.unroll,
+            layout,
+            lengths=lengths, reset=reset, deterministic=deterministic,
+            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+            layer_features=(self.num_directions * self.output_size,),
         )
         return layout.sequence_out(ys), layout.carry_out(carry)
 
@@ -465,9 +451,9 @@ class ConvLSTM(nn.Module):
     unroll: int = 1
 
     def __post_init__(self):
-        _check_int(self.hidden_channels, "hidden_channels", 1)
-        _check_int(self.num_layers, "num_layers", 1)
-        _check_int(self.unroll, "unroll", 1)
+        check_int(self.hidden_channels, "hidden_channels", 1)
+        check_int(self.num_layers, "num_layers", 1)
+        check_int(self.unroll, "unroll", 1)
         as_pair(self.kernel_size, "kernel_size")
         as_pair(self.dilation, "dilation")
         _check_dropout(self.dropout)
@@ -535,31 +521,15 @@ class ConvLSTM(nn.Module):
         if reset is not None:
             reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
 
-        between = None
-        if not deterministic and self.dropout > 0.0:
-            between = functools.partial(_dropout, self, self.dropout, dropout_masks, layout=layout)
-        step = functools.partial(
-            convlstm_step, dilation=as_pair(self.dilation, "dilation"), precision=self.precision
-        )
-        if mesh is not None:
-            ys, carry = _run_on_mesh(
-                self, step, layer_weights,
-                tuple(a.astype(dtype) for a in layout.carry_in(carry)),
-                layout.sequence_in(x.astype(dtype)),
-                layout,
-                lengths=lengths, reset=reset, deterministic=deterministic,
-                dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
-                layer_features=spatial + (self.hidden_channels,),
-            )
-            return layout.sequence_out(ys), layout.carry_out(carry)
-        ys, carry = run_stack(
-            step,
+        ys, carry = _run(
+            self,
+            _convlstm_step(as_pair(self.dilation, "dilation"), self.precision),
             layer_weights,
             tuple(a.astype(dtype) for a in layout.carry_in(carry)),
             layout.sequence_in(x.astype(dtype)),
-            lengths=lengths,
-            reset=reset,
-            between_layers=between,
-            unroll=self.unroll,
+            layout,
+            lengths=lengths, reset=reset, deterministic=deterministic,
+            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+            layer_features=spatial + (self.hidden_channels,),
         )
         return layout.sequence_out(ys), layout.carry_out(carry)

@@ -112,7 +112,8 @@ def run_stack(
     *,
     lengths: Optional[Array] = None,
     reset: Optional[Array] = None,
-    between_layers: Optional[Callable[[int, Array], Array]] = None,
+    keep_masks: Optional[Sequence[Array]] = None,
+    dropout: float = 0.0,
     unroll: int = 1,
 ) -> tuple[Array, tuple[Array, Array]]:
     """Runs a stack of layers, each with one or two directions, torch.nn.LSTM's way.
@@ -123,8 +124,10 @@ def run_stack(
         carry: ``(h, c)`` stacked ``(layers * directions, B, ...)``, index ``layer * D + d``.
         xs: ``(T, B, ...)``.
         lengths, reset, unroll: as in ``scan_direction``.
-        between_layers: ``f(layer, ys) -> ys`` applied to every layer's output but the last
-            (inter-layer dropout).
+        keep_masks: inter-layer dropout: one keep mask per gap between layers, each shaped
+            like that layer's output ``(T, B, ...)``; applied as torch's F.dropout,
+            ``y * (keep / (1 - dropout))``. None: no dropout.
+        dropout: the rate the masks were drawn with.
 
     Returns:
         ``(ys, (h_n, c_n))``: the last layer's outputs with directions concatenated on the
@@ -151,6 +154,11 @@ def run_stack(
             final_c.append(c)
             outputs.append(ys)
         xs = outputs[0] if num_directions == 1 else jnp.concatenate(outputs, axis=-1)
-        if between_layers is not None and layer + 1 < len(layer_weights):
-            xs = between_layers(layer, xs)
+        if keep_masks is not None and layer + 1 < len(layer_weights):
+            xs = xs * (keep_masks[layer].astype(xs.dtype) / jnp.asarray(1.0 - dropout, xs.dtype))
     return xs, (jnp.stack(final_h), jnp.stack(final_c))
+
+
+# Compiled once per step function, options and shapes: an eager ``apply`` would otherwise
+# retrace and recompile every scan on every call. Under an outer jit it is simply inlined.
+run_stack_jit = jax.jit(run_stack, static_argnums=0, static_argnames=("dropout", "unroll"))

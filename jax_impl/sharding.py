@@ -171,11 +171,6 @@ def replicate(tree: Any, mesh: MeshLike) -> Any:
 # ------------------------------------------------------------------------------ the driver
 
 
-def _scaled(ys: Array, keep: Array, rate: float) -> Array:
-    """torch's F.dropout between layers: ``y * (keep / (1 - p))``."""
-    return ys * (keep.astype(ys.dtype) / jnp.asarray(1.0 - rate, ys.dtype))
-
-
 def run_stack_sharded(
     step: Step,
     layer_weights: Sequence[Sequence[Any]],
@@ -211,12 +206,9 @@ def run_stack_sharded(
     batched = batch_spec(2, 1, batch_axis)  # P(None, axis): dimension 1 is B for all of them
 
     def local(layer_weights, carry, xs, lengths, reset, keep_masks):
-        between = None
-        if keep_masks is not None:
-            between = lambda layer, ys: _scaled(ys, keep_masks[layer], dropout)  # noqa: E731
         return run_stack(
             step, layer_weights, carry, xs, lengths=lengths, reset=reset,
-            between_layers=between, unroll=unroll,
+            keep_masks=keep_masks, dropout=dropout, unroll=unroll,
         )
 
     # A spec is a tree prefix: one PartitionSpec covers a whole (possibly empty) subtree.

@@ -261,18 +261,11 @@ def test_dropout_mask_of_wrong_shape_is_a_value_error(dropout_setup):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="jax_impl/modules.py _dropout: dropout_masks is indexed masks[layer] without checking "
-    "its length, so too few masks raise a bare IndexError instead of a ValueError naming "
-    "dropout_masks, the count expected (num_layers - 1) and the count given",
-)
 def test_too_few_dropout_masks_is_a_value_error(rng):
     module = LSTM(hidden_size=4, num_layers=3, dropout=0.5)
     x = rng.normal(size=(2, 6, 3)).astype(np.float32)
     variables = init_variables(module, x, rng=rng)
-    with pytest.raises(ValueError, match=r"dropout_masks.*2.*1"):
+    with pytest.raises(ValueError, match=r"dropout_masks has 1 masks, expected 2"):
         module.apply(
             variables, x, deterministic=False, dropout_masks=[np.ones((2, 6, 4), np.float32)]
         )
