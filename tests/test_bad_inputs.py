@@ -35,21 +35,24 @@ def _one_torch_thread():
 
 
 # ------------------------------------------------------------------------------ fixtures
-# Built once and shared: none of the failing calls below changes them.
+# Built once and shared: none of the failing calls below changes them. Weights come from
+# to_jax: a JAX init compiles (or dispatches op by op), which takes seconds here.
 
 
 @functools.cache
 def jax_lstm() -> tuple[jax_impl.LSTM, Any]:
     """LSTM(8) on (B=2, T=5, F=3) batch-major input."""
-    module = jax_impl.LSTM(8)
-    return module, module.init(jax.random.key(0), jnp.ones((2, 5, 3)))
+    torch.manual_seed(0)
+    module, variables = to_jax(torch.nn.LSTM(3, 8, batch_first=True))
+    assert module == jax_impl.LSTM(8, time_major=False, param_dtype=jnp.float32)
+    return module, variables
 
 
 @functools.cache
 def jax_convlstm() -> tuple[jax_impl.ConvLSTM, Any]:
     """ConvLSTM(4, 3) on (B=2, T=3, 5, 5, C=2)."""
-    module = jax_impl.ConvLSTM(4, 3)
-    return module, module.init(jax.random.key(0), jnp.ones((2, 3, 5, 5, 2)))
+    torch.manual_seed(0)
+    return to_jax(torch_impl.ConvLSTM2d(2, 4, 3, batch_first=True))
 
 
 @functools.cache

@@ -122,7 +122,7 @@ def marks_for(num_steps: int) -> list[int]:
 
 def test_jax_stream_memory_is_flat(num_steps=STREAM_STEPS):
     module = jax_impl.LSTM(H)
-    stream = jax_impl.Stateful(module, module.init(jax.random.key(0), jnp.ones((B, CHUNK, F))))
+    stream = jax_impl.Stateful(module, jax.jit(module.init)(jax.random.key(0), jnp.ones((B, CHUNK, F))))
 
     def feed(index: int) -> None:
         stream(chunk_input(index)).block_until_ready()
@@ -215,7 +215,7 @@ def test_torch_chunked_equals_full_float64():
 def test_jax_chunked_equals_full(dtype, bound):
     with jax.enable_x64(dtype == "float64"):
         module = jax_impl.LSTM(H, param_dtype=jnp.dtype(dtype))
-        variables = module.init(jax.random.key(0), jnp.ones((B, 2, F), dtype))
+        variables = jax.jit(module.init)(jax.random.key(0), jnp.ones((B, 2, F), dtype))
         x = _full_input(dtype)
         y_full, (h_full, c_full) = jax.jit(module.apply)(variables, x)
         stream = jax_impl.Stateful(module, variables)

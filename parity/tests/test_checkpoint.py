@@ -26,7 +26,7 @@ import torch
 import jax_impl
 import torch_impl
 from parity import checkpoint as ckpt
-from parity import stream_to_jax
+from parity import stream_to_jax, to_jax
 from parity.checkpoint import load_stream, read_checkpoint, save_stream
 from parity.mapping import CHANNELS_LAST
 
@@ -249,10 +249,11 @@ def test_fresh_stream_without_state_round_trips(tmp_path):
 
 
 def test_jax_only_options_survive_a_jax_round_trip(tmp_path):
-    module = jax_impl.LSTM(4, unroll=2, precision="highest", time_major=True)
-    variables = module.init(jax.random.key(0), jnp.ones((3, 2, 5)))
+    module, variables = to_jax(torch.nn.LSTM(5, 4))  # no JAX init to compile
+    module = module.clone(unroll=2, precision="highest")
+    assert module.time_major
     stream = jax_impl.Stateful(module, variables)
-    stream(jnp.ones((3, 2, 5)))
+    stream(jnp.ones((2, 2, 5)))  # (T, B, F); one chunk length: one compiled program
     loaded, _ = load_stream(save_stream(stream, tmp_path / "j.safetensors"), "jax", expect=stream)
     assert (loaded.module.unroll, loaded.module.precision, loaded.module.time_major) == (2, "highest", True)
     y_ref, y = stream(jnp.ones((2, 2, 5))), loaded(jnp.ones((2, 2, 5)))
