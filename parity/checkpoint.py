@@ -533,6 +533,11 @@ def load_stream(
     checkpoint = read_checkpoint(path)
     if expect is not None:
         check_matches(checkpoint, expect, name)
+    if framework == "jax" and checkpoint.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise TypeError(
+            f"{name} holds float64 weights, expected float32 outside JAX's x64 mode: load it "
+            "inside `with jax.enable_x64(True):`"
+        )
     stream = _torch_stream(checkpoint, name)
     if framework == "torch":
         return stream, checkpoint.position

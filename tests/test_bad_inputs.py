@@ -114,6 +114,13 @@ def float64_outside_x64():
         return to_jax(torch.nn.LSTM(3, 4).double())
 
 
+def float64_checkpoint_outside_x64(tmp_path):
+    stream = torch_impl.StatefulLSTM(3, 4, dtype=torch.float64)
+    path = save_stream(stream, tmp_path / "f64.safetensors")
+    with jax.enable_x64(False):
+        return load_stream(path, "jax")
+
+
 # ------------------------------------------------------------------------------ catalogue
 # (id, call(tmp_path), error type, regex naming the expected and the received value)
 
@@ -299,6 +306,8 @@ CATALOGUE: list[tuple[str, Callable[[Any], Any], type, str]] = [
      ValueError, r"has a different configuration: hidden_size=8, expected 16 \(from expect\)"),
     ("checkpoint-framework", lambda p: load_stream(saved_checkpoint(p), "mxnet"), ValueError,
      r"framework must be 'jax' or 'torch', got 'mxnet'"),
+    ("checkpoint-float64-outside-x64", lambda p: float64_checkpoint_outside_x64(p), TypeError,
+     r"holds float64 weights, expected float32 outside JAX's x64 mode"),
 ]
 
 
@@ -353,6 +362,9 @@ def test_compiled_program_holds_no_runtime_checks(kind):
     lowered = jax.jit(
         lambda v, x, n, r: module.apply(v, x, seq_lengths=n, reset=r)
     ).lower(variables, x, lengths, reset)
+    # the detector itself: a program with a host callback is caught
+    control = jax.jit(lambda a: jax.debug.callback(lambda _: None, a) or a).lower(lengths)
+    assert "callback" in control.as_text().lower()
     for text in (lowered.as_text(), lowered.compile().as_text()):
         lowered_text = text.lower()
         # (function names such as check_seq_lengths do appear, in the frames' metadata)
