@@ -31,7 +31,7 @@ from .cells import (
     convlstm_step,
     lstm_step,
 )
-from .modules import LSTM, ConvLSTM
+from .modules import LSTM, ConvLSTM, check_carry
 from .scan import run_stack
 
 Array = jax.Array
@@ -138,10 +138,11 @@ def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None) -> tup
     dtype = computation_dtype(module.dtype, x, weights)
     weights = cast_weights(weights, dtype)
     xs = x if module.time_major else jnp.swapaxes(x, 0, 1)  # (T, B, ...)
+    batch_shape = tuple(xs.shape[1:-1])  # (B,) or (B, H, W)
     if carry is None:
-        batch_shape = tuple(xs.shape[1:-1])  # (B,) or (B, H, W)
         carry = module.initialize_carry(batch_shape, dtype)
-    carry = tuple(jnp.asarray(a).astype(dtype) for a in carry)
+    carry = check_carry(carry, module.carry_shapes(batch_shape), "the module's carry layout")
+    carry = tuple(a.astype(dtype) for a in carry)
     ys, carry = run_stack(
         jax.checkpoint(step), weights, carry, xs.astype(dtype), unroll=module.unroll
     )
