@@ -193,8 +193,9 @@ class Stateful:
         """A chunk-sized array split along ``batch_dim`` over the mesh; as is without one."""
         if self.mesh is None or value is None:
             return value
-        value = jnp.asarray(value)
-        return jax.device_put(value, batch_sharding(self.mesh, value.ndim, batch_dim, self.batch_axis))
+        # straight from numpy to its shards: no stop on the default device first
+        sharding = batch_sharding(self.mesh, np.ndim(value), batch_dim, self.batch_axis)
+        return jax.device_put(value, sharding)
 
     # -- streaming --------------------------------------------------------------------
 

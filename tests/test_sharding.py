@@ -66,6 +66,7 @@ def test_convlstm_on_two_axis_mesh_equals_one_device(results):
     result = results["convlstm"]
     _equal_to_one_device(result)
     assert result["output_spec"] == [None, "batch", None, None, None]  # time-major
+    assert result["carry_specs"] == [[None, "batch", None, None, None]] * 2  # (L, B, H, W, C)
 
 
 def test_stateful_stream_on_mesh_equals_one_device_and_keeps_carry_sharded(results):
@@ -80,7 +81,7 @@ def test_stateful_stream_on_mesh_equals_one_device_and_keeps_carry_sharded(resul
 @pytest.mark.parametrize("model", ["lstm", "convlstm"])
 def test_no_collective_in_the_time_loop(results, model):
     hlo = results[model]["hlo"]
-    assert hlo["while_loops"] >= 2  # the scans were found: the check below saw them
+    assert hlo["while_loops"] >= 1  # the scans were found: the check below saw them
     assert hlo["in_loops"] == []
     assert hlo["anywhere"] == []  # nor anywhere else in the forward program
 
@@ -162,7 +163,8 @@ def test_one_device_mesh_equals_no_mesh_and_with_mesh_is_a_static_port():
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
     lstm = jax_impl.LSTM(4)
     x = np.random.default_rng(0).standard_normal((2, 3, 2)).astype(np.float32)
-    variables = lstm.init(jax.random.key(0), x)
+    shapes = jax.eval_shape(lstm.init, jax.random.key(0), x)  # init would compile its draws
+    variables = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.1, s.dtype), shapes)
     port = with_mesh(lstm, mesh)
     assert hash(port) == hash(with_mesh(lstm, mesh)) and port.hidden_size == 4
     plain = jax.jit(lstm.apply)(variables, x)
