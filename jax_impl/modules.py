@@ -176,6 +176,11 @@ def _lstm_step(precision) -> Step:
 
 
 @functools.lru_cache(maxsize=None)
+def _rematerialized(step: Step) -> Step:
+    return jax.checkpoint(step)
+
+
+@functools.lru_cache(maxsize=None)
 def _convlstm_step(dilation: tuple[int, int], precision) -> Step:
     return functools.partial(convlstm_step, dilation=dilation, precision=precision)
 
@@ -201,6 +206,8 @@ def _run(
     Dropout keep masks are drawn here, for the full batch, so a mesh run equals the one-device
     run with the same rng. ``layer_features``: the trailing shape of one layer's output.
     """
+    if module.remat:
+        step = _rematerialized(step)
     keeps = None
     if not deterministic and module.dropout > 0.0 and module.num_layers > 1:
         shape = tuple(xs.shape[:2]) + tuple(layer_features)
@@ -274,6 +281,8 @@ class LSTM(nn.Module):
         param_dtype: parameter dtype.
         precision: matmul precision; ``"highest"`` for full float32 on GPU/TPU.
         unroll: time steps per scan iteration (speed only, same result).
+        remat: recompute each cell step in the backward pass (``jax.checkpoint``) instead of
+            storing its gates: ~3x less activation memory for long chunks, same values.
 
     Parameters live in ``params['layer_{k}']`` (and ``'layer_{k}_reverse'``): ``ih_kernel``
     ``(F_k, 4H)``, ``hh_kernel`` ``(H_out, 4H)``, ``ih_bias``, ``hh_bias`` ``(4H,)``,
@@ -299,6 +308,7 @@ class LSTM(nn.Module):
     param_dtype: Any = jnp.float32
     precision: PrecisionLike = None
     unroll: int = 1
+    remat: bool = False
 
     def __post_init__(self):
         check_int(self.hidden_size, "hidden_size", 1)
@@ -426,7 +436,7 @@ class ConvLSTM(nn.Module):
         dilation: int or pair.
         dropout: inter-layer dropout, as for ``LSTM``.
         time_major: input ``(T, B, H, W, C)`` instead of ``(B, T, H, W, C)``.
-        dtype, param_dtype, precision, unroll: as for ``LSTM``.
+        dtype, param_dtype, precision, unroll, remat: as for ``LSTM``.
 
     Parameters live in ``params['layer_{k}']``: ``ih_kernel`` ``(kh, kw, C_k, 4H)``,
     ``hh_kernel`` ``(kh, kw, H, 4H)``, ``ih_bias``, ``hh_bias`` ``(4H,)``.
@@ -449,6 +459,7 @@ class ConvLSTM(nn.Module):
     param_dtype: Any = jnp.float32
     precision: PrecisionLike = None
     unroll: int = 1
+    remat: bool = False
 
     def __post_init__(self):
         check_int(self.hidden_channels, "hidden_channels", 1)

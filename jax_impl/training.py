@@ -15,24 +15,13 @@ Never imports torch.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from .cells import (
-    ConvLSTMWeights,
-    LSTMWeights,
-    as_pair,
-    cast_weights,
-    computation_dtype,
-    convlstm_step,
-    lstm_step,
-)
-from .modules import LSTM, ConvLSTM, check_carry
-from .scan import run_stack
+from .modules import LSTM, ConvLSTM
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -90,19 +79,17 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------------- remat
 
 
-def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None) -> tuple[Array, Any]:
+def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None, **kwargs) -> tuple[Array, Any]:
     """``module.apply(variables, x, carry)`` with each cell step under ``jax.checkpoint``.
 
     The backward pass then keeps only each step's carry (h, c) and recomputes the gates, instead
-    of storing every gate activation for every step: activation memory drops several-fold for
-    long chunks, at the price of a second forward pass through the cells. Same values as
-    ``module.apply`` (the same cell functions in the same scan driver).
+    of storing every gate activation for every step: activation memory drops ~3x for long
+    chunks, at the price of a second forward pass through the cells. Same values as
+    ``module.apply``: it is ``module.clone(remat=True).apply``.
 
     Arguments:
-        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM`` (deterministic: no dropout).
-        variables: its variables.
-        x: a batched input in the module's layout, ``(B, T, ...)`` (``(T, B, ...)`` time_major).
-        carry: ``(h, c)`` in the module's layout, or None for zeros.
+        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM``.
+        variables, x, carry, kwargs: as for ``module.apply``.
 
     Returns:
         ``(y, (h_n, c_n))`` as ``module.apply``.
@@ -112,41 +99,11 @@ def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None) -> tup
         >>> variables = lstm.init(jax.random.key(0), jnp.ones((2, 512, 4)))
         >>> y, carry = remat_apply(lstm, variables, jnp.ones((2, 512, 4)))
     """
-    params = variables["params"]
-    if isinstance(module, LSTM):
-        suffixes = ("", "_reverse")[: module.num_directions]
-        weights = [
-            [LSTMWeights(**params[f"layer_{k}{s}"]) for s in suffixes]
-            for k in range(module.num_layers)
-        ]
-        step = functools.partial(lstm_step, precision=module.precision)
-        feature_rank = 1
-    elif isinstance(module, ConvLSTM):
-        weights = [[ConvLSTMWeights(**params[f"layer_{k}"])] for k in range(module.num_layers)]
-        step = functools.partial(
-            convlstm_step, dilation=as_pair(module.dilation, "dilation"), precision=module.precision
-        )
-        feature_rank = 3
-    else:
+    if not isinstance(module, (LSTM, ConvLSTM)):
         raise TypeError(
             f"remat needs a jax_impl.LSTM or jax_impl.ConvLSTM, got {type(module).__name__}"
         )
-    if x.ndim != 2 + feature_rank:
-        raise ValueError(
-            f"remat needs a batched input of rank {2 + feature_rank}, got shape {tuple(x.shape)}"
-        )
-    dtype = computation_dtype(module.dtype, x, weights)
-    weights = cast_weights(weights, dtype)
-    xs = x if module.time_major else jnp.swapaxes(x, 0, 1)  # (T, B, ...)
-    batch_shape = tuple(xs.shape[1:-1])  # (B,) or (B, H, W)
-    if carry is None:
-        carry = module.initialize_carry(batch_shape, dtype)
-    carry = check_carry(carry, module.carry_shapes(batch_shape), "the module's carry layout")
-    carry = tuple(a.astype(dtype) for a in carry)
-    ys, carry = run_stack(
-        jax.checkpoint(step), weights, carry, xs.astype(dtype), unroll=module.unroll
-    )
-    return (ys if module.time_major else jnp.swapaxes(ys, 0, 1)), carry
+    return module.clone(remat=True).apply(variables, x, carry, **kwargs)
 
 
 # ----------------------------------------------------------------------------------- TBPTT
@@ -193,10 +150,13 @@ def make_tbptt_step(
         )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if remat and not isinstance(module, (LSTM, ConvLSTM)):
-        raise TypeError(
-            f"remat=True needs a jax_impl.LSTM or ConvLSTM, got {type(module).__name__}"
-        )
+    if remat:
+        if not isinstance(module, (LSTM, ConvLSTM)):
+            raise TypeError(
+                f"remat=True needs a jax_impl.LSTM or ConvLSTM (inside your own model, build "
+                f"them with remat=True), got {type(module).__name__}"
+            )
+        module = module.clone(remat=True)
 
     def step(variables, opt_state, carry, x, y, rng: Optional[Array] = None):
         carry = jax.lax.stop_gradient(carry)  # truncated BPTT: the chunk boundary cuts the graph
@@ -205,13 +165,9 @@ def make_tbptt_step(
         def objective(params):
             full = {**variables, "params": params}
             if rng is not None:
-                if remat:
-                    raise ValueError("remat=True runs without dropout; pass rng=None")
                 out, new_carry = module.apply(
                     full, x, carry, deterministic=False, rngs={"dropout": rng}
                 )
-            elif remat:
-                out, new_carry = remat_apply(module, full, x, carry)
             else:
                 out, new_carry = module.apply(full, x, carry)
             return loss_fn(out, y), new_carry

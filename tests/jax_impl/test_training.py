@@ -142,8 +142,8 @@ def test_bad_arguments(rng):
         make_tbptt_step(lstm, "adam")
     with pytest.raises(TypeError, match="jax_impl.LSTM or ConvLSTM"):
         make_tbptt_step(jax_impl.LSTMCell(H), optax.sgd(0.1), remat=True)
-    with pytest.raises(ValueError, match="batched input"):
-        remat_apply(lstm, variables, x[0])
+    with pytest.raises(TypeError, match="jax_impl.LSTM or jax_impl.ConvLSTM"):
+        remat_apply(jax_impl.LSTMCell(H), variables, x)
     with pytest.raises(ValueError, match="carry h has shape"):
         remat_apply(lstm, variables, x, lstm.initialize_carry((B + 1,)))
     with pytest.raises(ValueError, match="max_norm"):
