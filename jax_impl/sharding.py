@@ -203,6 +203,17 @@ def run_stack_sharded(
     Example:
         >>> ys, (h, c) = run_stack_sharded(lstm_step, weights, carry, xs, mesh=mesh)
     """
+    batch_axis = batch_axis if isinstance(batch_axis, str) else tuple(batch_axis)  # hashable
+    keep_masks = None if keep_masks is None else list(keep_masks)
+    return _sharded_jit(
+        step, layer_weights, tuple(carry), xs, lengths, reset, keep_masks, mesh=mesh,
+        batch_axis=batch_axis, dropout=dropout, unroll=unroll,
+    )
+
+
+def _sharded(step, layer_weights, carry, xs, lengths, reset, keep_masks, *, mesh, batch_axis,
+             dropout, unroll):
+    """``run_stack`` under ``shard_map``: the body of ``run_stack_sharded``."""
     batched = batch_spec(2, 1, batch_axis)  # P(None, axis): dimension 1 is B for all of them
 
     def local(layer_weights, carry, xs, lengths, reset, keep_masks):
@@ -218,8 +229,15 @@ def run_stack_sharded(
         in_specs=(PartitionSpec(), batched, batched, PartitionSpec(batch_axis), batched, batched),
         out_specs=(batched, batched),
     )
-    keep_masks = None if keep_masks is None else list(keep_masks)
-    return sharded(layer_weights, tuple(carry), xs, lengths, reset, keep_masks)
+    return sharded(layer_weights, carry, xs, lengths, reset, keep_masks)
+
+
+# Compiled once per step function, mesh, options and shapes, like ``scan.run_stack_jit``: an
+# eager ``apply(..., mesh=)`` would otherwise trace and compile the split program every call.
+# Under an outer jit it is simply inlined.
+_sharded_jit = jax.jit(
+    _sharded, static_argnums=0, static_argnames=("mesh", "batch_axis", "dropout", "unroll")
+)
 
 
 # ------------------------------------------------------------------------------ a module view
