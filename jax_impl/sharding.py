@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Optional, Sequence, Union
@@ -123,6 +124,7 @@ def batch_spec(ndim: int, batch_dim: int, batch_axis: BatchAxis = "batch") -> Pa
     return PartitionSpec(*([None] * batch_dim), batch_axis)
 
 
+@functools.lru_cache(maxsize=256)  # one object per layout: cheap per-chunk placement checks
 def batch_sharding(
     mesh: Mesh, ndim: int, batch_dim: int = 0, batch_axis: BatchAxis = "batch"
 ) -> NamedSharding:

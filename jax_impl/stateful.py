@@ -117,6 +117,7 @@ class Stateful:
         self._carry: Optional[Carry] = None
         self.mesh = None if mesh is None else resolve_mesh(mesh, batch_axis)
         self.batch_axis = batch_axis
+        self._lengths: dict[tuple[int, int], Array] = {}  # mesh only: see _full_lengths
         if self.mesh is None:
             self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
         else:
@@ -193,9 +194,18 @@ class Stateful:
         """A chunk-sized array split along ``batch_dim`` over the mesh; as is without one."""
         if self.mesh is None or value is None:
             return value
-        # straight from numpy to its shards: no stop on the default device first
         sharding = batch_sharding(self.mesh, np.ndim(value), batch_dim, self.batch_axis)
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value  # already split (an input pipeline's chunk): no dispatch per chunk
+        # straight from numpy to its shards: no stop on the default device first
         return jax.device_put(value, sharding)
+
+    def _full_lengths(self, batch: int, num_steps: int) -> Array:
+        """The split ``(B,)`` lengths of a chunk with no seq_lengths, placed once per size."""
+        key = (batch, num_steps)
+        if key not in self._lengths:
+            self._lengths[key] = self._place_batch(np.full((batch,), num_steps, np.int32), 0)
+        return self._lengths[key]
 
     # -- streaming --------------------------------------------------------------------
 
@@ -260,7 +270,10 @@ class Stateful:
             reset = jnp.pad(reset, widths[: reset.ndim])
         if self.mesh is not None:
             x = self._place_batch(x, 1 - time_axis)
-            lengths = self._place_batch(lengths, 0)
+            if seq_lengths is None:
+                lengths = self._full_lengths(batch, num_steps)
+            else:
+                lengths = self._place_batch(lengths, 0)
             reset = self._place_batch(reset, 1 - time_axis)
         y, self._carry = self.step(self.variables, self._carry, x, lengths, reset)
         return jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
