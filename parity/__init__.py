@@ -3,12 +3,23 @@
 The only package that imports both ``torch_impl`` and ``jax_impl``.
 """
 
+from .checkpoint import load_stream, read_checkpoint, save_stream
 from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
 from .harness import Check, Report, compare
 from .training import TrainingReport, compare_training, make_optimizers
 
-__all__ = ["to_jax", "to_torch", "stream_to_jax", "stream_to_torch", "compare", "Report", "Check",
-           "compare_training", "make_optimizers", "TrainingReport"]
-
-from .checkpoint import load_stream, read_checkpoint, save_stream  # noqa: E402
-__all__ += ["save_stream", "load_stream", "read_checkpoint"]
+__all__ = [
+    "to_jax",
+    "to_torch",
+    "stream_to_jax",
+    "stream_to_torch",
+    "compare",
+    "Report",
+    "Check",
+    "compare_training",
+    "make_optimizers",
+    "TrainingReport",
+    "save_stream",
+    "load_stream",
+    "read_checkpoint",
+]
