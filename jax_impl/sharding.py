@@ -219,6 +219,10 @@ def _sharded(step, layer_weights, carry, xs, lengths, reset, keep_masks, *, mesh
     batched = batch_spec(2, 1, batch_axis)  # P(None, axis): dimension 1 is B for all of them
 
     def local(layer_weights, carry, xs, lengths, reset, keep_masks):
+        # Mark the replicated weights as per-device once, before the loop: left to the loop,
+        # every step would convert them, and the backward pass would all-reduce the weight
+        # gradients at every step instead of once after it.
+        layer_weights = _per_device(layer_weights, batch_axis)
         return run_stack(
             step, layer_weights, carry, xs, lengths=lengths, reset=reset,
             keep_masks=keep_masks, dropout=dropout, unroll=unroll,
@@ -232,6 +236,16 @@ def _sharded(step, layer_weights, carry, xs, lengths, reset, keep_masks, *, mesh
         out_specs=(batched, batched),
     )
     return sharded(layer_weights, carry, xs, lengths, reset, keep_masks)
+
+
+def _per_device(tree: Any, batch_axis: BatchAxis) -> Any:
+    """``tree`` typed as varying over ``batch_axis`` inside shard_map (a no-op on values)."""
+    axes = _axis_names(batch_axis)
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.8
+        return jax.lax.pcast(tree, axes, to="varying")
+    if hasattr(jax.lax, "pvary"):  # pragma: no cover - jax 0.6-0.7
+        return jax.lax.pvary(tree, axes)
+    return tree  # pragma: no cover - older shard_map: no varying types, nothing to do
 
 
 # Compiled once per step function, mesh, options and shapes, like ``scan.run_stack_jit``: an

@@ -167,6 +167,26 @@ def check_stateful(mesh: Mesh) -> dict:
     }
 
 
+def check_backward(mesh: Mesh) -> dict:
+    """Gradients through the split program: equal to one device's (the weight gradients are
+    summed over devices, so only to rounding), and summed once, after the time loop."""
+    rng = np.random.default_rng(3)
+    lstm = jax_impl.LSTM(8)
+    x = _normal(rng, (2 * DEVICES, 6, 3))
+    variables = _variables(lstm, x, rng)
+
+    def loss(variables, x, mesh=None):
+        y, (h, c) = lstm.apply(variables, x, mesh=mesh)
+        return jnp.sum(y**2) + jnp.sum(h * c)
+
+    grad = jax.grad(loss)
+    plain, sharded, text = _sharded_and_plain(grad, (variables, x), mesh)
+    result = _compare(plain, sharded)
+    result["scale"] = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(plain))
+    result["hlo"] = _hlo(text)
+    return result
+
+
 def check_errors(mesh: Mesh) -> dict:
     """The messages of the ValueErrors for a batch the mesh cannot split, and no batch at all."""
     lstm = jax_impl.LSTM(4)
@@ -208,7 +228,9 @@ def check_detector(mesh: Mesh) -> dict:
 def main() -> None:
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     results = {"devices": len(jax.devices())}
-    for check in (check_lstm, check_convlstm, check_stateful, check_errors, check_detector):
+    checks = (check_lstm, check_convlstm, check_stateful, check_backward, check_errors,
+              check_detector)
+    for check in checks:
         results[check.__name__.removeprefix("check_")] = check(mesh)
     print(json.dumps(results))
 

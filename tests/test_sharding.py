@@ -86,6 +86,15 @@ def test_no_collective_in_the_time_loop(results, model):
     assert hlo["anywhere"] == []  # nor anywhere else in the forward program
 
 
+def test_gradients_on_mesh_equal_one_device_and_are_summed_after_the_loop(results):
+    result = results["backward"]
+    assert result["dtypes_equal"] and result["max_abs"] <= 1e-6 * max(1.0, result["scale"]), result
+    hlo = result["hlo"]
+    assert hlo["while_loops"] >= 2  # forward and backward scans
+    assert hlo["in_loops"] == []  # no all-reduce per time step
+    assert {op for _, op in hlo["anywhere"]} == {"all-reduce"}  # the weight gradients, once
+
+
 def test_hlo_check_sees_a_collective_inside_a_loop(results):
     hlo = results["detector"]
     assert hlo["while_loops"] == 1
