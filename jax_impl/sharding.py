@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ shorter versions in the default run.
 from __future__ import annotations
 
 import gc
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -34,7 +33,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-import jax_impl
 import torch_impl
 from parity import compare, stream_to_jax, stream_to_torch, to_jax, to_torch
 from parity.checkpoint import load_stream, save_stream
