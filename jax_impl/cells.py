@@ -9,6 +9,7 @@ torch layouts are their transposes (see ``parity.mapping``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -90,17 +91,58 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[tu
     return pads
 
 
-def _conv(x: Array, kernel: Array, dilation: Sequence[int], precision: PrecisionLike) -> Array:
-    padding = same_padding(kernel.shape[:2], dilation)
+def _lax_conv(x: Array, kernel: Array, dilation, padding, precision) -> Array:
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(1, 1),
         padding=padding,
-        rhs_dilation=tuple(dilation),
+        rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=precision,
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_same(x: Array, kernel: Array, dilation, padding, precision) -> Array:
+    return _lax_conv(x, kernel, dilation, padding, precision)
+
+
+def _conv_same_fwd(x, kernel, dilation, padding, precision):
+    return _lax_conv(x, kernel, dilation, padding, precision), (x, kernel)
+
+
+def _conv_same_bwd(dilation, padding, precision, residuals, g):
+    """The kernel gradient as one batched matmul over the kernel's taps.
+
+    Why: inside a scan (a while loop), XLA:CPU emits the kernel-gradient convolution through a
+    slow generic path — a ConvLSTM's backward pass ran ~15x slower than this (measured at
+    B4 64x64 3->16 k3). The input gradient keeps XLA's own transposed convolution.
+    """
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _lax_conv(x, kernel, dilation, padding, precision), x)
+    (dx,) = input_vjp(g)
+    kh, kw = kernel.shape[:2]
+    (dh, dw), (_, height, width, _) = dilation, g.shape
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    taps = jnp.stack(  # (kh*kw, B, H, W, C): the input window each kernel tap sees
+        [
+            padded[:, i * dh : i * dh + height, j * dw : j * dw + width]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+    )
+    dkernel = jnp.einsum("pbhwc,bhwo->pco", taps, g, precision=precision)
+    return dx, dkernel.reshape(kernel.shape)
+
+
+_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def _conv(x: Array, kernel: Array, dilation: Sequence[int], precision: PrecisionLike) -> Array:
+    """Stride-1 'same' convolution (torch's padding rule), NHWC x HWIO."""
+    padding = tuple(same_padding(kernel.shape[:2], dilation))
+    return _conv_same(x, kernel, tuple(dilation), padding, precision)
 
 
 def convlstm_step(
