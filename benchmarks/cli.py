@@ -1,0 +1,550 @@
+"""``python -m benchmarks``: the whole suite, or the cases matching ``--only``.
+
+Case names: ``peak/sgemm``, ``lstm/{cfg1,cfg2,cfg3,cfg1-bidir,cfg1-proj}/{fwd,fwdbwd}``,
+``convlstm/{c1,c2}/{fwd,fwdbwd}``, ``stream/cfg1/fwd``, ``stream/ragged``, ``first_call/cfg1``.
+The sgemm peak always runs (the "% peak" column needs it), at the start and again at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class CaseSpec:
+    name: str
+    family: str  # "peak", "lstm", "convlstm", "stream"
+    config: Any
+    pass_name: str
+    build: Callable[[], list]
+    flops: float
+    reference: Optional[str]  # the "ratio vs torch oneDNN" column's denominator
+    alt_reference: Optional[str] = None  # a second ratio column (torch on 1 thread)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # extra named ratios
+    schedule: Any = None
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
+    except OSError:
+        pass
+    return []
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment() -> dict:
+    import flax  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jaxlib  # noqa: PLC0415
+    import numpy  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {
+            "torch": torch.__version__,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "numpy": numpy.__version__,
+        },
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "torch_mkldnn_available": torch.backends.mkldnn.is_available(),
+        "torch_mkldnn_enabled": torch.backends.mkldnn.enabled,
+        "torch_parallel_info": torch.__config__.parallel_info(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "jax_backend": jax.default_backend(),
+        "env": {k: os.environ.get(k) for k in (
+            "XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
+            "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_status": _git("status", "--short"),
+        "loadavg_start": _loadavg(),
+    }
+
+
+# ------------------------------------------------------------------------------------ cases
+
+
+def build_cases(quick: bool) -> list[CaseSpec]:
+    from . import competitors as C  # noqa: PLC0415
+    from .configs import (  # noqa: PLC0415
+        CONVLSTM_CONFIGS, LSTM_CONFIGS, PASSES, SGEMM_SIZE, STREAM_CHUNK, STREAM_CONFIG,
+        pass_flops,
+    )
+    from .streaming import JIT_FULL, STREAM_CHUNKS, STREAM_ONE, stream_competitors  # noqa: PLC0415
+    from .timing import Schedule  # noqa: PLC0415
+
+    if quick:
+        small = Schedule(warmup=1, min_reps=2, max_reps=3, budget_s=2.0, slow_s=5.0,
+                         slow_reps=1, skip_s=5.0)
+        big = dataclasses.replace(small, min_reps=1, max_reps=2)
+        peak = Schedule(warmup=1, min_reps=3, max_reps=3, budget_s=0.0)
+    else:
+        small = Schedule(warmup=2, min_reps=7, max_reps=30, budget_s=12.0, slow_s=8.0,
+                         slow_reps=2, skip_s=60.0)
+        big = Schedule(warmup=1, min_reps=4, max_reps=10, budget_s=45.0, slow_s=20.0,
+                       slow_reps=2, skip_s=60.0)
+        peak = Schedule(warmup=2, min_reps=10, max_reps=10, budget_s=0.0)
+
+    def with_pilot(schedule: Schedule, flops: float) -> Schedule:
+        # Big cases first run a short-sequence pilot to spot competitors too slow to run.
+        return dataclasses.replace(schedule, pilot_fraction=0.05) if flops >= 5e9 else schedule
+
+    def shrink(cfg):
+        # --quick is a smoke run: the two big configs with fewer steps (FLOPs follow).
+        if quick and cfg.name in ("cfg2", "c2"):
+            steps = 32 if cfg.name == "cfg2" else 4
+            return dataclasses.replace(cfg, steps=steps, note=f"--quick: T={steps}")
+        return cfg
+
+    cases = [CaseSpec(
+        "peak/sgemm", "peak", SGEMM_SIZE, "fwd",
+        lambda steps=None, batch=None: C.sgemm_competitors(SGEMM_SIZE),
+        2.0 * SGEMM_SIZE ** 3, C.TORCH_MM, alt_reference=C.TORCH_MM_1T, schedule=peak,
+    )]
+
+    def at(cfg, steps, batch):
+        if steps is not None:
+            cfg = dataclasses.replace(cfg, steps=steps)
+        if batch is not None:
+            cfg = dataclasses.replace(cfg, batch=batch)
+        return cfg
+
+    for cfg0 in LSTM_CONFIGS:
+        cfg = shrink(cfg0)
+        for p in PASSES:
+            flops = pass_flops(cfg.forward_flops(), p)
+            cases.append(CaseSpec(
+                f"lstm/{cfg.name}/{p}", "lstm", cfg, p,
+                (lambda steps=None, batch=None, cfg=cfg, p=p:
+                 C.lstm_competitors(at(cfg, steps, batch), p)),
+                flops, C.TORCH_LSTM, alt_reference=C.TORCH_LSTM_1T,
+                schedule=with_pilot(big if cfg.name == "cfg2" else small, flops),
+            ))
+    for cfg0 in CONVLSTM_CONFIGS:
+        cfg = shrink(cfg0)
+        for p in PASSES:
+            flops = pass_flops(cfg.forward_flops(), p)
+            cases.append(CaseSpec(
+                f"convlstm/{cfg.name}/{p}", "convlstm", cfg, p,
+                (lambda steps=None, batch=None, cfg=cfg, p=p:
+                 C.convlstm_competitors(at(cfg, steps, batch), p)),
+                flops, C.TORCH_CONV, alt_reference=C.TORCH_CONV_1T if p == "fwd" else None,
+                pairs=[(C.TORCH_CONV, C.TORCH_NAIVE), (C.JAX_CONV, C.TORCH_NAIVE)],
+                schedule=with_pilot(big if cfg.name == "c2" else small, flops),
+            ))
+    cases.append(CaseSpec(
+        f"stream/{STREAM_CONFIG.name}/fwd", "stream", STREAM_CONFIG, "fwd",
+        lambda steps=None, batch=None: stream_competitors(STREAM_CONFIG, STREAM_CHUNK),
+        STREAM_CONFIG.forward_flops(), JIT_FULL,
+        pairs=[(STREAM_CHUNKS, JIT_FULL), (STREAM_CHUNKS, STREAM_ONE), (STREAM_ONE, JIT_FULL)],
+        schedule=small,
+    ))
+    return cases
+
+
+def _ms(x: Optional[float]) -> Optional[float]:
+    return None if x is None else 1e3 * x
+
+
+def pilot(spec: CaseSpec, log=print) -> dict:
+    """Times every competitor once (after one warm-up) on a sequence shortened to
+    ``pilot_fraction`` of T (at least 1 step), full batch, and predicts the full call as linear
+    in T. (Shrinking the batch too was tried: XLA's ConvLSTM backward is relatively much
+    faster at batch 1, which hid a 3x slower full call.)"""
+    from .timing import Schedule, run_interleaved  # noqa: PLC0415
+
+    steps, batch = spec.config.steps, spec.config.batch
+    short = max(1, round(steps * spec.schedule.pilot_fraction))
+    small_batch = batch
+    competitors = spec.build(steps=short, batch=small_batch)
+    ct = run_interleaved(competitors, Schedule(warmup=1, min_reps=1, max_reps=1, budget_s=0),
+                         log=log)
+    predicted = {}
+    for c in competitors:
+        med = ct.median(c.name)
+        predicted[c.name] = None if med is None else med * steps / short * batch / small_batch
+    log("    pilot T=%d B=%d: predicted full call %s" % (short, small_batch, ", ".join(
+        f"{k} {v:.2f} s" for k, v in predicted.items() if v is not None)))
+    return {"steps": short, "batch": small_batch, "times_s": ct.times, "warmup_s": ct.warmup_times,
+            "predicted_s": predicted, "errors": ct.errors}
+
+
+def summarize(spec: CaseSpec, ct, peak_flops: Optional[float], competitors,
+              pilot_info: Optional[dict] = None, skipped: frozenset = frozenset()) -> dict:
+    """Medians, GFLOP/s, % of peak and paired ratios of one case."""
+    reference = spec.reference
+    if reference not in ct.times and spec.family == "convlstm":
+        from .competitors import TORCH_NAIVE  # noqa: PLC0415
+        reference = TORCH_NAIVE  # torch_impl missing: fall back to the naive loop
+    rows = []
+    for c in competitors:
+        med = ct.median(c.name)
+        gflops = spec.flops / med / 1e9 if med else None
+        row = {
+            "name": c.name,
+            "framework": c.framework,
+            "note": c.note,
+            "times_s": ct.times.get(c.name, []),
+            "warmup_s": ct.warmup_times.get(c.name, []),
+            "median_s": med,
+            "median_ms": _ms(med),
+            "min_ms": _ms(min(ct.times[c.name])) if ct.times.get(c.name) else None,
+            "gflops": gflops,
+            "pct_peak": (100.0 * gflops * 1e9 / peak_flops) if gflops and peak_flops else None,
+            "ratio_vs_ref": ct.ratio(c.name, reference) if reference else None,
+            "ratio_vs_ref_per_rep": ct.paired_ratios(c.name, reference) if reference else [],
+            "ratio_vs_alt": ct.ratio(c.name, spec.alt_reference) if spec.alt_reference else None,
+            "error": ct.errors.get(c.name),
+            "paired": c.name not in ct.unpaired and c.name not in skipped,
+            "skipped": c.name in skipped,
+        }
+        if c.name in skipped:
+            est = pilot_info["predicted_s"][c.name]
+            ref_med = ct.median(reference) if reference else None
+            row["estimate_s"] = est
+            row["estimate_from"] = (f"pilot with T={pilot_info['steps']} B={pilot_info['batch']}, "
+                                    "scaled linearly in T and B")
+            row["ratio_estimate"] = est / ref_med if est and ref_med else None
+            row["gflops_estimate"] = spec.flops / est / 1e9 if est else None
+        rows.append(row)
+    pairs = {}
+    for num, den in spec.pairs:
+        per = ct.paired_ratios(num, den)
+        pairs[f"{num} / {den}"] = {"num": num, "den": den, "per_rep": per,
+                                   "median": ct.ratio(num, den),
+                                   "paired": bool(per)}
+    cfg = spec.config
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "config": getattr(cfg, "name", "sgemm"),
+        "config_detail": cfg.as_dict() if hasattr(cfg, "as_dict") else {"n": cfg},
+        "describe": cfg.describe() if hasattr(cfg, "describe") else f"{cfg}x{cfg} float32",
+        "pass": spec.pass_name,
+        "flops": spec.flops,
+        "reference": reference,
+        "alt_reference": spec.alt_reference,
+        "reps": ct.reps,
+        "unpaired": ct.unpaired,
+        "skipped": sorted(skipped),
+        "pilot": pilot_info,
+        "schedule": dataclasses.asdict(spec.schedule),
+        "competitors": rows,
+        "pairs": pairs,
+        "errors": ct.errors,
+    }
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    from . import competitors as C  # noqa: PLC0415
+    from .streaming import JIT_FULL, STREAM_CHUNKS  # noqa: PLC0415
+
+    cases = {c["name"]: c for c in results["cases"]}
+
+    def ratio(case: str, num: str, den: str) -> Optional[float]:
+        c = cases.get(case)
+        if c is None:
+            return None
+        for pair in c["pairs"].values():
+            if pair["num"] == num and pair["den"] == den:
+                return pair["median"]
+        if c["reference"] == den:
+            row = next((r for r in c["competitors"] if r["name"] == num), None)
+            if row is None:
+                return None
+            if row.get("skipped"):
+                estimated.add(case)
+                return row.get("ratio_estimate")
+            return row["ratio_vs_ref"]
+        return None
+
+    out = []
+    estimated: set = set()
+
+    def vs_one_thread(case, num):
+        c = cases.get(case)
+        row = c and next((r for r in c["competitors"] if r["name"] == num), None)
+        return row.get("ratio_vs_alt") if row else None
+
+    def add(what: str, value, bound, unit="x", case=None, num=None, den=None):
+        est = case in estimated
+        estimated.discard(case)
+        out.append({"target": what, "value": value, "bound": bound, "unit": unit,
+                    "case": case, "num": num, "den": den, "estimated": est,
+                    "value_vs_torch_1_thread": vs_one_thread(case, num) if case else None,
+                    "ok": None if value is None else bool(value <= bound)})
+
+    for cfg, p, bound in (("cfg1", "fwd", 1.0), ("cfg2", "fwd", 1.1), ("cfg3", "fwd", 0.5),
+                          ("cfg1", "fwdbwd", 1.3), ("cfg2", "fwdbwd", 1.3)):
+        case = f"lstm/{cfg}/{p}"
+        if case in cases:
+            add(f"{case}: {C.JAX_LSTM} / {C.TORCH_LSTM}",
+                ratio(case, C.JAX_LSTM, C.TORCH_LSTM), bound,
+                case=case, num=C.JAX_LSTM, den=C.TORCH_LSTM)
+    for cfg in ("c1", "c2"):
+        for p in ("fwd", "fwdbwd"):
+            case = f"convlstm/{cfg}/{p}"
+            if case in cases:
+                add(f"{case}: {C.JAX_CONV} / {C.TORCH_CONV}",
+                    ratio(case, C.JAX_CONV, C.TORCH_CONV), 0.8,
+                    case=case, num=C.JAX_CONV, den=C.TORCH_CONV)
+                add(f"{case}: {C.TORCH_CONV} / {C.TORCH_NAIVE}",
+                    ratio(case, C.TORCH_CONV, C.TORCH_NAIVE), 1.0,
+                    case=case, num=C.TORCH_CONV, den=C.TORCH_NAIVE)
+    if "stream/cfg1/fwd" in cases:
+        add(f"stream/cfg1/fwd: {STREAM_CHUNKS} (16) / {JIT_FULL}",
+            ratio("stream/cfg1/fwd", STREAM_CHUNKS, JIT_FULL), 1.05,
+            case="stream/cfg1/fwd", num=STREAM_CHUNKS, den=JIT_FULL)
+    rag = results.get("ragged")
+    if rag and "max_new" in rag:
+        add(f"stream/ragged: new compilations for a ragged last chunk (worst of lengths "
+            f"{min(rag['per_length'])}..{max(rag['per_length'])})", rag["max_new"], 0,
+            unit="compilations")
+    fc = results.get("first_call", {}).get("cold")
+    if fc and "median" in fc:
+        add("first_call/cfg1: trace + compile + run, fresh process (cold)",
+            fc["median"]["first_call_s"], 0.3, unit="s")
+    return out
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="carryover benchmarks: JAX/Flax vs PyTorch LSTM and ConvLSTM, side by side.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="few repetitions, cfg2/c2 with fewer steps: a ~2 minute smoke run")
+    parser.add_argument("--only", metavar="PATTERN", default=None,
+                        help="run only cases whose name matches this regular expression "
+                             "(re.search), e.g. 'lstm/cfg1', 'fwd$', 'convlstm|stream'")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_OUT,
+                        help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--first-call-runs", type=int, default=None,
+                        help="fresh subprocesses for the first-call time (default 3, quick 1)")
+    parser.add_argument("--list", action="store_true", help="list the case names and exit")
+    parser.add_argument("--rerender", action="store_true",
+                        help="rewrite results.md and ratios.png (and the targets) from the "
+                             "results.json in --out, without running anything")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+
+    from .configs import STREAM_CHUNK, STREAM_CONFIG  # noqa: PLC0415
+    from .report import write_all  # noqa: PLC0415
+
+    if args.rerender:
+        results = json.loads((args.out / "results.json").read_text())
+        results["targets"] = evaluate_targets(results)
+        paths = write_all(results, args.out)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+        return 0
+
+    cases = build_cases(args.quick)
+    extra = ["stream/ragged", "first_call/cfg1"]
+    names = [c.name for c in cases] + extra
+    if args.list:
+        print("\n".join(names))
+        return 0
+    only = re.compile(args.only) if args.only else None
+
+    def selected(name: str) -> bool:
+        return only is None or bool(only.search(name))
+
+    chosen = [c for c in cases if c.family == "peak" or selected(c.name)]
+    if only is not None and not any(selected(n) for n in names):
+        print(f"--only {args.only!r} matches no case; cases are:\n  " + "\n  ".join(names),
+              file=sys.stderr)
+        return 2
+
+    from .timing import run_interleaved  # noqa: PLC0415
+
+    t_start = time.time()
+    results: dict = {
+        "meta": {
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "quick": args.quick,
+            "only": args.only,
+        },
+        "environment": environment(),
+        "cases": [],
+    }
+    env = results["environment"]
+    print(f"carryover benchmarks — {env['cpu_model']}, {env['cpu_count']} CPUs, torch "
+          f"{env['versions']['torch']} ({env['torch_num_threads']} threads), jax "
+          f"{env['versions']['jax']}, load {env['loadavg_start']}", flush=True)
+
+    peak_flops: Optional[float] = None
+    peak_case = chosen[0]
+
+    def run_case(spec: CaseSpec) -> dict:
+        print(f"\n== {spec.name}  ({getattr(spec.config, 'describe', lambda: spec.config)()})",
+              flush=True)
+        load_before = _loadavg()
+        t0 = time.perf_counter()
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        pilot_info, skipped = None, frozenset()
+        # references of ratios always run in the rounds, whatever their speed
+        protect = frozenset(n for n in (spec.reference, spec.alt_reference) if n) | frozenset(
+            den for _, den in spec.pairs)
+        if spec.schedule.pilot_fraction:
+            pilot_info = pilot(spec, log=log)
+            skipped = frozenset(
+                k for k, v in pilot_info["predicted_s"].items()
+                if v is not None and v > spec.schedule.skip_s and k not in protect)
+            for k in sorted(skipped):
+                log(f"    {k}: predicted {pilot_info['predicted_s'][k]:.0f} s per call > "
+                    f"{spec.schedule.skip_s} s: not run at full size (estimate reported)")
+        t1 = time.perf_counter()
+        competitors = spec.build()
+        t_build = time.perf_counter() - t1
+        ct = run_interleaved(competitors, spec.schedule, log=log, exclude=skipped,
+                             protect=protect)
+        summary = summarize(spec, ct, peak_flops, competitors, pilot_info, skipped)
+        summary["build_s"] = t_build
+        summary["wall_s"] = time.perf_counter() - t0
+        summary["loadavg_before"] = load_before
+        summary["loadavg_after"] = _loadavg()
+        for row in summary["competitors"]:
+            if row["skipped"]:
+                print(f"   {row['name']:<28} skipped, estimate {1e3 * row['estimate_s']:10.1f} ms"
+                      + (f"  ratio ~{row['ratio_estimate']:.2f}" if row["ratio_estimate"] else ""),
+                      flush=True)
+                continue
+            if row["median_ms"] is None:
+                print(f"   {row['name']:<28} failed: {row['error']}", flush=True)
+                continue
+            ratio = row["ratio_vs_ref"]
+            print(f"   {row['name']:<28} {row['median_ms']:10.3f} ms  "
+                  f"{row['gflops'] or 0:8.2f} GFLOP/s"
+                  + (f"  ratio {ratio:6.3f}" if ratio is not None else ""), flush=True)
+        for key, pair in summary["pairs"].items():
+            if pair["median"] is not None:
+                print(f"   {key}: {pair['median']:.3f}", flush=True)
+        print(f"   ({ct.reps} reps, {summary['wall_s']:.1f} s)", flush=True)
+        return summary
+
+    peak_start = run_case(peak_case)
+    peak_flops = peak_start["flops"] / peak_start["competitors"][0]["median_s"]
+    for row in peak_start["competitors"]:
+        if row["gflops"]:
+            row["pct_peak"] = 100.0 * row["gflops"] * 1e9 / peak_flops
+    results["cases"].append(peak_start)
+    for spec in chosen[1:]:
+        summary = run_case(spec)
+        results["cases"].append(summary)
+
+    if selected("stream/ragged"):
+        from .streaming import ragged_compilations  # noqa: PLC0415
+
+        print("\n== stream/ragged (compilations for a ragged last chunk after warm-up)",
+              flush=True)
+        lengths = [5, 13] if args.quick else list(range(1, STREAM_CHUNK))
+        results["ragged"] = ragged_compilations(STREAM_CONFIG, STREAM_CHUNK, lengths)
+    if selected("first_call/cfg1"):
+        from .first_call import measure  # noqa: PLC0415
+
+        runs = args.first_call_runs or (1 if args.quick else 3)
+        print(f"\n== first_call/cfg1 ({runs} fresh subprocess(es) per mode)", flush=True)
+        results["first_call"] = {mode: measure(mode, "cfg1", runs) for mode in
+                                 ("cold", "after_init")}
+
+    # The peak again at the end: the box is shared, say how much it moved.
+    peak_end = run_case(peak_case)
+    peak_end["name"] = "peak/sgemm (end)"
+    for row in peak_end["competitors"]:
+        if row["gflops"]:
+            row["pct_peak"] = 100.0 * row["gflops"] * 1e9 / peak_flops
+    results["cases"].append(peak_end)
+    end_flops = peak_end["flops"] / peak_end["competitors"][0]["median_s"]
+    results["peak"] = {
+        "what": "torch.mm 2048x2048 float32, default threads, median",
+        "gflops": peak_flops / 1e9,
+        "gflops_end": end_flops / 1e9,
+        "used_for_pct": "start",
+    }
+    results["targets"] = evaluate_targets(results)
+    results["meta"]["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    results["meta"]["wall_s"] = time.time() - t_start
+    results["environment"]["loadavg_end"] = _loadavg()
+
+    paths = write_all(results, args.out)
+    print("\nTargets:")
+    for t in results["targets"]:
+        mark = {True: "ok  ", False: "MISS", None: "n/a "}[t["ok"]]
+        value = "n/a" if t["value"] is None else (
+            f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"]))
+        if t.get("estimated"):
+            value = f"~{value} (estimate from pilot)"
+        print(f"  [{mark}] {t['target']}: {value} (target <= {t['bound']} {t['unit']})")
+    print(f"\nwrote {', '.join(str(p) for p in paths)}  ({results['meta']['wall_s']:.0f} s)")
+    return 0

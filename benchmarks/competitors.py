@@ -1,0 +1,305 @@
+"""What runs: each builder returns a case's competitors, with their inputs and weights ready.
+
+Same input values on both sides (numpy, fixed seeds), float32 throughout. Layouts are each
+side's natural one: torch batch-first ``(B, T, F)`` / ``(B, T, C, H, W)``, JAX ``(B, T, F)`` /
+``(B, T, H, W, C)``; layout conversion is never timed.
+
+* forward: torch under ``torch.no_grad()``; JAX ``jax.jit(module.apply)`` returning output and
+  final carry, variables passed as arguments (not baked in as constants).
+* forward+backward: loss = sum of the output sequence; gradients with respect to every
+  parameter and the input, on both sides (``torch.autograd.grad`` / ``jax.grad`` under jit).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import linen as nn
+
+import jax_impl
+
+from .configs import ConvLSTMConfig, LSTMConfig
+from .timing import Competitor
+
+# Competitor names (also the keys of the results). The first of each family is the reference
+# of the "ratio vs torch oneDNN" column.
+TORCH_LSTM = "torch.nn.LSTM"
+TORCH_LSTM_1T = "torch.nn.LSTM (1 thread)"
+JAX_LSTM = "jax_impl.LSTM"
+FLAX_LSTM = "flax OptimizedLSTMCell"
+TORCH_CONV = "torch_impl.ConvLSTM2d"
+TORCH_CONV_1T = "torch_impl.ConvLSTM2d (1 thread)"
+TORCH_NAIVE = "torch naive loop"
+JAX_CONV = "jax_impl.ConvLSTM"
+FLAX_CONV = "flax ConvLSTMCell"
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def one_thread() -> tuple[Callable[[], None], Callable[[], None]]:
+    """``before``/``after`` hooks that run a torch call on 1 thread and restore the count."""
+    saved: list[int] = []
+
+    def before():
+        saved.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+
+    def after():
+        torch.set_num_threads(saved.pop())
+
+    return before, after
+
+
+def _torch_runner(module_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  params: list[torch.Tensor], pass_name: str) -> Callable[[], Any]:
+    """``module_fn(x) -> output``; forward under no_grad, or forward + grads of sum(output)."""
+    if pass_name == "fwd":
+        def run():
+            with torch.no_grad():
+                return module_fn(x)
+        return run
+
+    xg = x.detach().clone().requires_grad_(True)
+
+    def run():
+        y = module_fn(xg)
+        return torch.autograd.grad(y.sum(), [xg, *params])
+
+    return run
+
+
+def _jax_runner(apply: Callable, variables: Any, x: jax.Array, pass_name: str,
+                output: Callable[[Any], jax.Array]) -> Callable[[], Any]:
+    """``apply(variables, x)``, jitted; for fwdbwd the grads of sum(output(result))."""
+    if pass_name == "fwd":
+        f = jax.jit(apply)
+
+        def run():
+            return block(f(variables, x))
+        return run
+
+    def loss(v, xx):
+        return jnp.sum(output(apply(v, xx)))
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    def run():
+        return block(g(variables, x))
+    return run
+
+
+# ------------------------------------------------------------------------------------ LSTM
+
+
+class FlaxLSTMStack(nn.Module):
+    """Flax Linen's own LSTM: ``nn.OptimizedLSTMCell`` under ``nn.RNN``, stacked."""
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.num_layers):
+            if self.bidirectional:
+                x = nn.Bidirectional(
+                    nn.RNN(nn.OptimizedLSTMCell(self.hidden_size)),
+                    nn.RNN(nn.OptimizedLSTMCell(self.hidden_size)),
+                )(x)
+            else:
+                x = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size))(x)
+        return x
+
+
+def torch_lstm_kernel(cfg: LSTMConfig, pass_name: str) -> str:
+    """Which ATen kernel torch.nn.LSTM dispatches to for this config (profiled on a tiny copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = torch.nn.LSTM(3, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
+                      bidirectional=cfg.bidirectional, proj_size=cfg.proj_size)
+    x = torch.randn(2, 3, 3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if pass_name == "fwd":
+            with torch.no_grad():
+                m(x)
+        else:
+            x.requires_grad_(True)
+            y = m(x)[0]
+            torch.autograd.grad(y.sum(), [x, *m.parameters()])
+    names = sorted({e.name for e in prof.events()})
+    hits = [n for n in names if "rnn" in n.lower() or "lstm_cell" in n.lower()
+            or n.startswith("aten::_thnn")]
+    if any("mkldnn" in n for n in hits):
+        return "oneDNN (" + ", ".join(n for n in hits if "mkldnn" in n) + ")"
+    return "native ATen (" + (", ".join(hits) or "no rnn kernel seen") + ")"
+
+
+def lstm_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
+    # proj_size: torch says once that oneDNN can't and falls back (recorded in the note)
+    warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((cfg.batch, cfg.steps, cfg.input_size), dtype=np.float32)
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(cfg.input_size, cfg.hidden_size, num_layers=cfg.num_layers,
+                         batch_first=True, bidirectional=cfg.bidirectional,
+                         proj_size=cfg.proj_size)
+    params = list(lstm.parameters())
+    run_torch = _torch_runner(lambda x: lstm(x)[0], torch.from_numpy(x_np), params, pass_name)
+    kernel = torch_lstm_kernel(cfg, pass_name)
+    before, after = one_thread()
+
+    xj = jnp.asarray(x_np)
+    model = jax_impl.LSTM(cfg.hidden_size, num_layers=cfg.num_layers,
+                          bidirectional=cfg.bidirectional, proj_size=cfg.proj_size)
+    variables = model.init(jax.random.key(0), xj)
+    run_jax = _jax_runner(model.apply, variables, xj, pass_name, output=lambda r: r[0])
+
+    out = [
+        Competitor(TORCH_LSTM, "torch", run_torch, note=kernel),
+        Competitor(TORCH_LSTM_1T, "torch", run_torch, before=before, after=after, note=kernel),
+        Competitor(JAX_LSTM, "jax", run_jax, note="jit"),
+    ]
+    if cfg.proj_size == 0:
+        flax_model = FlaxLSTMStack(cfg.hidden_size, cfg.num_layers, cfg.bidirectional)
+        flax_vars = flax_model.init(jax.random.key(0), xj)
+        run_flax = _jax_runner(flax_model.apply, flax_vars, xj, pass_name, output=lambda r: r)
+        out.append(Competitor(FLAX_LSTM, "jax", run_flax, note="nn.RNN, jit"))
+    return out
+
+
+# -------------------------------------------------------------------------------- ConvLSTM
+
+
+def naive_convlstm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                   kernel: int) -> torch.Tensor:
+    """The common hand-written ConvLSTM: per step one conv2d over cat([x, h]), gates i,f,g,o.
+
+    x: ``(B, T, C, H, W)``; returns the last layer's h at every step, ``(B, T, Hc, H, W)``.
+    """
+    batch, _, _, height, width = x.shape
+    seq = list(x.unbind(1))
+    for w, b in zip(weights, biases):
+        hc = w.shape[0] // 4
+        h = x.new_zeros(batch, hc, height, width)
+        c = h
+        outputs = []
+        for xt in seq:
+            gates = F.conv2d(torch.cat([xt, h], dim=1), w, b, padding=kernel // 2)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        seq = outputs
+    return torch.stack(seq, dim=1)
+
+
+class FlaxConvLSTMStack(nn.Module):
+    """Flax Linen's own ConvLSTM: ``nn.ConvLSTMCell`` under ``nn.RNN``, stacked (NHWC)."""
+
+    hidden_channels: int
+    kernel: int
+    num_layers: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.num_layers):
+            x = nn.RNN(nn.ConvLSTMCell(self.hidden_channels, (self.kernel, self.kernel)))(x)
+        return x
+
+
+def _torch_impl():
+    """``torch_impl.ConvLSTM2d`` (written alongside this suite; None if it is not importable)."""
+    try:
+        import torch_impl  # noqa: PLC0415
+
+        return torch_impl.ConvLSTM2d
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def convlstm_competitors(cfg: ConvLSTMConfig, pass_name: str) -> list[Competitor]:
+    rng = np.random.default_rng(0)
+    shape_nchw = (cfg.batch, cfg.steps, cfg.in_channels, cfg.height, cfg.width)
+    x_np = rng.standard_normal(shape_nchw, dtype=np.float32)
+    xt = torch.from_numpy(x_np)
+    out: list[Competitor] = []
+
+    ConvLSTM2d = _torch_impl()
+    if ConvLSTM2d is not None:
+        torch.manual_seed(0)
+        conv = ConvLSTM2d(cfg.in_channels, cfg.hidden_channels, cfg.kernel,
+                          num_layers=cfg.num_layers, batch_first=True)
+        run_conv = _torch_runner(lambda x: conv(x)[0], xt, list(conv.parameters()), pass_name)
+        out.append(Competitor(TORCH_CONV, "torch", run_conv, note="NCHW, F.conv2d (oneDNN)"))
+        if pass_name == "fwd":  # 1 thread: forward only, to bound the run time
+            before, after = one_thread()
+            out.append(Competitor(TORCH_CONV_1T, "torch", run_conv, before=before, after=after,
+                                  note="NCHW, F.conv2d (oneDNN)"))
+
+    torch.manual_seed(0)
+    weights, biases = [], []
+    bound = 1.0 / math.sqrt(cfg.hidden_channels * cfg.kernel * cfg.kernel)
+    c_in = cfg.in_channels
+    for _ in range(cfg.num_layers):
+        weights.append(torch.empty(4 * cfg.hidden_channels, c_in + cfg.hidden_channels,
+                                   cfg.kernel, cfg.kernel).uniform_(-bound, bound))
+        biases.append(torch.empty(4 * cfg.hidden_channels).uniform_(-bound, bound))
+        c_in = cfg.hidden_channels
+    for p in weights + biases:
+        p.requires_grad_(True)
+    out.append(Competitor(
+        TORCH_NAIVE, "torch",
+        _torch_runner(lambda x: naive_convlstm(x, weights, biases, cfg.kernel), xt,
+                      weights + biases, pass_name),
+        note="NCHW, conv over cat([x, h])",
+    ))
+
+    xj = jnp.asarray(np.ascontiguousarray(x_np.transpose(0, 1, 3, 4, 2)))  # NHWC
+    model = jax_impl.ConvLSTM(cfg.hidden_channels, cfg.kernel, num_layers=cfg.num_layers)
+    variables = model.init(jax.random.key(0), xj)
+    out.append(Competitor(
+        JAX_CONV, "jax", _jax_runner(model.apply, variables, xj, pass_name, lambda r: r[0]),
+        note="NHWC, jit",
+    ))
+
+    flax_model = FlaxConvLSTMStack(cfg.hidden_channels, cfg.kernel, cfg.num_layers)
+    flax_vars = flax_model.init(jax.random.key(0), xj)
+    out.append(Competitor(
+        FLAX_CONV, "jax", _jax_runner(flax_model.apply, flax_vars, xj, pass_name, lambda r: r),
+        note="NHWC, nn.RNN, jit",
+    ))
+    return out
+
+
+# ------------------------------------------------------------------------------------ peak
+
+
+TORCH_MM = "torch.mm"
+TORCH_MM_1T = "torch.mm (1 thread)"
+JAX_DOT = "jnp.dot (jit)"
+
+
+def sgemm_competitors(n: int) -> list[Competitor]:
+    """float32 n x n matmuls: torch default threads (the peak), torch 1 thread, XLA."""
+    rng = np.random.default_rng(0)
+    a_np = rng.standard_normal((n, n), dtype=np.float32)
+    b_np = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
+    before, after = one_thread()
+    aj, bj = jnp.asarray(a_np), jnp.asarray(b_np)
+    dot = jax.jit(jnp.dot)
+    return [
+        Competitor(TORCH_MM, "torch", lambda: torch.mm(a, b), note="MKL sgemm"),
+        Competitor(TORCH_MM_1T, "torch", lambda: torch.mm(a, b), before=before, after=after),
+        Competitor(JAX_DOT, "jax", lambda: block(dot(aj, bj))),
+    ]
