@@ -2,7 +2,8 @@
 
 Chunks of any length reuse a handful of compilations: the time axis is padded up to a bucket
 length (1, 2, 3, 4, 6, 8, 12, 16, ...) and the padding masked out with ``seq_lengths``, so the
-outputs and the final carry are exactly those of the unpadded chunk.
+outputs and the final carry are exactly those of the unpadded chunk. A bucket met for the first
+time runs in a larger one already compiled, so a ragged last chunk compiles nothing.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class Stateful:
         self.mesh = None if mesh is None else resolve_mesh(mesh, batch_axis)
         self.batch_axis = batch_axis
         self._lengths: dict[tuple[int, int], Array] = {}  # mesh only: see _full_lengths
+        self._padded: set[int] = set()  # time lengths run so far (compiled programs)
+        self._requests: dict[int, int] = {}  # bucket -> chunks that asked for it
         if self.mesh is None:
             self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
         else:
@@ -209,6 +212,22 @@ class Stateful:
 
     # -- streaming --------------------------------------------------------------------
 
+    def _padded_length(self, num_steps: int) -> int:
+        """The time length a chunk runs at: its bucket, or a larger one already compiled.
+
+        A bucket seen for the first time borrows the smallest compiled bucket that fits (the
+        padding is masked, so the result is the same), so a ragged last chunk compiles nothing;
+        a bucket asked for again gets its own program.
+        """
+        tight = bucket_length(num_steps)
+        self._requests[tight] = self._requests.get(tight, 0) + 1
+        if tight not in self._padded and self._requests[tight] == 1:
+            larger = [b for b in self._padded if b > tight]
+            if larger:
+                return min(larger)
+        self._padded.add(tight)
+        return tight
+
     def __call__(self, x: Array, *, seq_lengths=None, reset=None) -> Array:
         """Runs one chunk and keeps the final carry for the next.
 
@@ -251,7 +270,7 @@ class Stateful:
 
         # Always the masked program, padded or not: XLA fuses the masked and the plain scan
         # differently (last-ulp differences), and one stream must not mix the two.
-        padded = bucket_length(num_steps)
+        padded = self._padded_length(num_steps)
         lengths = np.full((batch,) if batched else (), num_steps, np.int32)
         if seq_lengths is not None:
             lengths = check_seq_lengths(seq_lengths, batch, num_steps).reshape(lengths.shape)
