@@ -16,7 +16,7 @@ def _f(x: Optional[float], fmt: str) -> str:
 
 def markdown_table(results: dict, families=("peak", "lstm", "convlstm"),
                    ratio_header: str = "ratio vs torch oneDNN",
-                   alt_header: str = "ratio vs torch 1 thread") -> str:
+                   alt_header: str = "ratio vs torch 1 thread", footnotes: bool = True) -> str:
     """One row per case and competitor."""
     lines = [
         f"| config | pass | competitor | median ms | GFLOP/s | % peak | {ratio_header} "
@@ -55,6 +55,8 @@ def markdown_table(results: dict, families=("peak", "lstm", "convlstm"),
                 f"| {_f(row['gflops'], '.1f')} | {_f(row['pct_peak'], '.1f')} | {ratio} "
                 f"| {alt} | {reps} |"
             )
+    if not footnotes:
+        return "\n".join(lines)
     lines += [
         "",
         "† unpaired: the competitor's first warm-up call exceeded the case's slow threshold, so "
@@ -113,7 +115,7 @@ def markdown(results: dict) -> str:
         "## Streaming (jax_impl.Stateful)",
         "",
         markdown_table(results, families=("stream",), ratio_header="ratio vs one full jit call",
-                       alt_header="—"),
+                       alt_header="—", footnotes=False),
         "",
         "## Targets",
         "",
@@ -186,6 +188,8 @@ def ratios_png(results: dict, path: Path) -> None:
         if bound is not None:
             ax.plot([bound, bound], [yi - 0.4, yi + 0.4], color="red", lw=1.5)
     ax.axvline(1.0, color="black", lw=1)
+    if values:
+        ax.set_xlim(right=max(max(values), 1.0) * 2.0)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
