@@ -185,27 +185,43 @@ def _convlstm_step(dilation: tuple[int, int], precision) -> Step:
     return functools.partial(convlstm_step, dilation=dilation, precision=precision)
 
 
-def _run(
+def _run_sequence(
     module: nn.Module,
     step: Step,
     layer_weights,
-    carry: Carry,
-    xs: Array,
+    x: Array,
+    carry: Optional[Carry],
     layout: _Layout,
     *,
-    lengths: Optional[Array],
-    reset: Optional[Array],
+    batch_shape: tuple[int, ...],
+    carry_names: str,
+    layer_features: tuple[int, ...],
+    seq_lengths,
+    reset,
     deterministic: bool,
     dropout_masks,
     mesh: Optional[MeshLike],
     batch_axis: BatchAxis,
-    layer_features: tuple[int, ...],
 ) -> tuple[Array, Carry]:
-    """The time-major stack, on one device or split along the batch over ``mesh``.
+    """What ``LSTM`` and ``ConvLSTM`` share once their weights are declared: dtypes, the
+    carry, lengths and reset checks, and the stack run on one device or over ``mesh``.
 
     Dropout keep masks are drawn here, for the full batch, so a mesh run equals the one-device
     run with the same rng. ``layer_features``: the trailing shape of one layer's output.
     """
+    dtype = computation_dtype(module.dtype, x, layer_weights)
+    layer_weights = cast_weights(layer_weights, dtype)
+    if carry is None:
+        carry = module.initialize_carry(batch_shape, dtype)
+    carry = check_carry(carry, module.carry_shapes(batch_shape), carry_names)
+    lengths = None
+    if seq_lengths is not None:
+        lengths = check_seq_lengths(seq_lengths, layout.batch, layout.num_steps)
+    if reset is not None:
+        reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
+    carry = tuple(a.astype(dtype) for a in layout.carry_in(carry))
+    xs = layout.sequence_in(x.astype(dtype))  # (T, B, ...)
+
     if module.remat:
         step = _rematerialized(step)
     keeps = None
@@ -213,17 +229,17 @@ def _run(
         shape = tuple(xs.shape[:2]) + tuple(layer_features)
         keeps = [_keep_mask(module, dropout_masks, k, shape, layout)
                  for k in range(module.num_layers - 1)]
+    options = dict(lengths=lengths, reset=reset, keep_masks=keeps, dropout=module.dropout,
+                   unroll=module.unroll)
     if mesh is None:
-        return run_stack_jit(
-            step, layer_weights, carry, xs, lengths=lengths, reset=reset,
-            keep_masks=keeps, dropout=module.dropout, unroll=module.unroll,
+        ys, carry = run_stack_jit(step, layer_weights, carry, xs, **options)
+    else:
+        mesh = resolve_mesh(mesh, batch_axis)
+        check_batch(layout.batch, mesh, batch_axis)
+        ys, carry = run_stack_sharded(
+            step, layer_weights, carry, xs, mesh=mesh, batch_axis=batch_axis, **options
         )
-    mesh = resolve_mesh(mesh, batch_axis)
-    check_batch(layout.batch, mesh, batch_axis)
-    return run_stack_sharded(
-        step, layer_weights, carry, xs, mesh=mesh, batch_axis=batch_axis, lengths=lengths,
-        reset=reset, keep_masks=keeps, dropout=module.dropout, unroll=module.unroll,
-    )
+    return layout.sequence_out(ys), layout.carry_out(carry)
 
 
 class _LSTMParams(nn.Module):
@@ -397,29 +413,14 @@ class LSTM(nn.Module):
             layer_weights.append(directions)
             in_features = self.num_directions * self.output_size
 
-        dtype = computation_dtype(self.dtype, x, layer_weights)
-        layer_weights = cast_weights(layer_weights, dtype)
-        batch_shape = () if layout.batch is None else (layout.batch,)
-        if carry is None:
-            carry = self.initialize_carry(batch_shape, dtype)
-        carry = check_carry(carry, self.carry_shapes(batch_shape), "layers * directions, batch, features")
-        lengths = None
-        if seq_lengths is not None:
-            lengths = check_seq_lengths(seq_lengths, layout.batch, layout.num_steps)
-        if reset is not None:
-            reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
-        ys, carry = _run(
-            self,
-            _lstm_step(self.precision),
-            layer_weights,
-            tuple(a.astype(dtype) for a in layout.carry_in(carry)),
-            layout.sequence_in(x.astype(dtype)),
-            layout,
-            lengths=lengths, reset=reset, deterministic=deterministic,
-            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+        return _run_sequence(
+            self, _lstm_step(self.precision), layer_weights, x, carry, layout,
+            batch_shape=() if layout.batch is None else (layout.batch,),
+            carry_names="layers * directions, batch, features",
             layer_features=(self.num_directions * self.output_size,),
+            seq_lengths=seq_lengths, reset=reset, deterministic=deterministic,
+            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
         )
-        return layout.sequence_out(ys), layout.carry_out(carry)
 
 
 # -------------------------------------------------------------------------------- ConvLSTM
@@ -519,28 +520,13 @@ class ConvLSTM(nn.Module):
             layer_weights.append([weights])
             in_channels = self.hidden_channels
 
-        dtype = computation_dtype(self.dtype, x, layer_weights)
-        layer_weights = cast_weights(layer_weights, dtype)
         spatial = tuple(x.shape[-3:-1])
-        batch_shape = spatial if layout.batch is None else (layout.batch,) + spatial
-        if carry is None:
-            carry = self.initialize_carry(batch_shape, dtype)
-        carry = check_carry(carry, self.carry_shapes(batch_shape), "layers, batch, H, W, channels")
-        lengths = None
-        if seq_lengths is not None:
-            lengths = check_seq_lengths(seq_lengths, layout.batch, layout.num_steps)
-        if reset is not None:
-            reset = layout.mask_in(check_reset(reset, *layout.mask_shape()))
-
-        ys, carry = _run(
-            self,
-            _convlstm_step(as_pair(self.dilation, "dilation"), self.precision),
-            layer_weights,
-            tuple(a.astype(dtype) for a in layout.carry_in(carry)),
-            layout.sequence_in(x.astype(dtype)),
-            layout,
-            lengths=lengths, reset=reset, deterministic=deterministic,
-            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
+        return _run_sequence(
+            self, _convlstm_step(as_pair(self.dilation, "dilation"), self.precision),
+            layer_weights, x, carry, layout,
+            batch_shape=spatial if layout.batch is None else (layout.batch,) + spatial,
+            carry_names="layers, batch, H, W, channels",
             layer_features=spatial + (self.hidden_channels,),
+            seq_lengths=seq_lengths, reset=reset, deterministic=deterministic,
+            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
         )
-        return layout.sequence_out(ys), layout.carry_out(carry)
