@@ -279,6 +279,16 @@ def check_int(value, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_lstm_sizes(hidden_size, proj_size) -> None:
+    """torch.nn.LSTM's size rules: hidden_size >= 1, 0 <= proj_size < hidden_size."""
+    check_int(hidden_size, "hidden_size", 1)
+    check_int(proj_size, "proj_size", 0)
+    if proj_size >= hidden_size:
+        raise ValueError(
+            f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}"
+        )
+
+
 def computation_dtype(dtype, x: Array, weights) -> Any:
     """Flax's rule: the explicit ``dtype``, else the promotion of the input and the params."""
     if dtype is not None:
@@ -315,13 +325,7 @@ class LSTMCell(nn.RNNCellBase):
     precision: PrecisionLike = None
 
     def __post_init__(self):
-        check_int(self.hidden_size, "hidden_size", 1)
-        check_int(self.proj_size, "proj_size", 0)
-        if self.proj_size >= self.hidden_size:
-            raise ValueError(
-                f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
-                f"got {self.proj_size}"
-            )
+        check_lstm_sizes(self.hidden_size, self.proj_size)
         super().__post_init__()
 
     @nn.compact

@@ -20,6 +20,7 @@ from .cells import (
     as_pair,
     cast_weights,
     check_int,
+    check_lstm_sizes,
     computation_dtype,
     convlstm_step,
     declare_convlstm_weights,
@@ -327,15 +328,9 @@ class LSTM(nn.Module):
     remat: bool = False
 
     def __post_init__(self):
-        check_int(self.hidden_size, "hidden_size", 1)
+        check_lstm_sizes(self.hidden_size, self.proj_size)
         check_int(self.num_layers, "num_layers", 1)
-        check_int(self.proj_size, "proj_size", 0)
         check_int(self.unroll, "unroll", 1)
-        if self.proj_size >= self.hidden_size:
-            raise ValueError(
-                f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
-                f"got {self.proj_size}"
-            )
         _check_dropout(self.dropout)
         super().__post_init__()
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from .cells import Carry
-from .modules import check_carry, check_reset, check_seq_lengths
+from .modules import _Layout, check_carry, check_reset, check_seq_lengths
 from .sharding import (
     BatchAxis,
     MeshLike,
@@ -245,10 +245,9 @@ class Stateful:
                 f"chunk has rank {x.ndim} (shape {tuple(x.shape)}), expected "
                 f"{1 + self._feature_rank} (unbatched) or {2 + self._feature_rank} (batched)"
             )
-        batched = x.ndim == 2 + self._feature_rank
+        layout = _Layout(x, self.module.time_major, self._feature_rank)
+        batched, batch, num_steps = layout.batched, layout.batch, layout.num_steps
         time_axis = 0 if (not batched or self.module.time_major) else 1
-        batch = None if not batched else x.shape[1 - time_axis]
-        num_steps = x.shape[time_axis]
         if num_steps < 1:
             raise ValueError(f"chunk has {num_steps} time steps, expected at least 1")
 
@@ -279,13 +278,7 @@ class Stateful:
         x = jnp.pad(x, widths)
         if reset is not None:
             # checked before padding, so the message gives the chunk's shapes, not the bucket's
-            if not batched:
-                expected, layout = (num_steps,), "(T,) for unbatched input"
-            elif time_axis == 0:
-                expected, layout = (num_steps, batch), "(T, B) with time_major"
-            else:
-                expected, layout = (batch, num_steps), "(B, T)"
-            reset = check_reset(reset, expected, layout)
+            reset = check_reset(reset, *layout.mask_shape())
             reset = jnp.pad(reset, widths[: reset.ndim])
         if self.mesh is not None:
             x = self._place_batch(x, 1 - time_axis)
