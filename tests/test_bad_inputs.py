@@ -25,13 +25,7 @@ from parity import compare, stream_to_jax, stream_to_torch, to_jax, to_torch
 from parity.checkpoint import load_stream, save_stream
 from parity.convert import state_to_jax, spec_for_torch
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 
 # ------------------------------------------------------------------------------ fixtures

@@ -64,13 +64,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,13 +61,7 @@ def examples(ci: int) -> settings:
     return settings(max_examples=max(200, settings.default.max_examples))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 
 BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
