@@ -9,9 +9,10 @@ torch layouts are their transposes (see ``parity.mapping``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +48,77 @@ class ConvLSTMWeights(NamedTuple):
 # ----------------------------------------------------------------------------------- math
 
 
-def _gates_to_carry(gates: Array, c: Array) -> Carry:
-    """torch's LSTM update from pre-activations ``gates`` (..., 4H) split i, f, g, o."""
+def lstm_update(gates: Array, c: Array) -> Carry:
+    """torch's LSTM update from pre-activations ``gates`` (..., 4H) split i, f, g, o.
+
+    Returns ``(h, c)``: the new cell state and ``h`` before any projection.
+    """
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return h, c
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A cell step split at its linear maps, so a driver can batch them over time.
+
+    One step is ``gates = input_gates(w, x) + hidden_gates(w, h)``, ``(h, c) =
+    lstm_update(gates, c)``, ``h = output(w, h)``. The three maps are affine in the weights and
+    in their second argument and act on trailing axes only, so they also apply to a whole
+    sequence at once with time folded into the batch: ``scan.scan_direction`` uses that to
+    compute the weight and input gradients of all steps as one matmul (or convolution) each,
+    after the backward loop instead of inside it.
+
+    Instances are made once per option set (``lstm_cell``, ``convlstm_cell``): hashable, a
+    static argument of ``jax.jit``. Called, a Cell is the plain step ``(w, carry, x) ->
+    (carry, y)``.
+    """
+
+    input_gates: Callable[[Any, Array], Array]  # (w, x (N, ..., F)) -> (N, ..., 4H), ih bias in
+    hidden_gates: Callable[[Any, Array], Array]  # (w, h (N, ..., P)) -> (N, ..., 4H), hh bias in
+    output: Callable[[Any, Array], Array]  # (w, h (N, ..., H)) -> (N, ..., P); h itself if no map
+
+    def step_with_gates(self, weights: Any, carry: Carry, x: Array) -> tuple[Carry, Array, Array]:
+        """One step; also returns the pre-activation ``gates`` and ``h`` before ``output``."""
+        h, c = carry
+        # torch adds each bias to its own product: (x W_ih + b_ih) + (h W_hh + b_hh)
+        gates = self.input_gates(weights, x) + self.hidden_gates(weights, h)
+        h_full, c = lstm_update(gates, c)
+        return (self.output(weights, h_full), c), gates, h_full
+
+    def __call__(self, weights: Any, carry: Carry, x: Array) -> tuple[Carry, Array]:
+        (h, c), _, _ = self.step_with_gates(weights, carry, x)
+        return (h, c), h
+
+
+def _affine(x: Array, kernel: Array, bias: Optional[Array], precision) -> Array:
+    y = jnp.dot(x, kernel, precision=precision)
+    return y if bias is None else y + bias
+
+
+def _lstm_input_gates(weights: LSTMWeights, x: Array, precision=None) -> Array:
+    return _affine(x, weights.ih_kernel, weights.ih_bias, precision)  # (..., 4H)
+
+
+def _lstm_hidden_gates(weights: LSTMWeights, h: Array, precision=None) -> Array:
+    return _affine(h, weights.hh_kernel, weights.hh_bias, precision)  # (..., 4H)
+
+
+def _lstm_output(weights: LSTMWeights, h: Array, precision=None) -> Array:
+    if weights.proj_kernel is None:
+        return h  # the very same array: drivers test ``is`` to skip a map that is not there
+    return jnp.dot(h, weights.proj_kernel, precision=precision)  # (..., P)
+
+
+@functools.lru_cache(maxsize=None)
+def lstm_cell(precision: PrecisionLike = None) -> Cell:
+    """torch.nn.LSTM's step as a ``Cell`` (one object per precision)."""
+    return Cell(
+        functools.partial(_lstm_input_gates, precision=precision),
+        functools.partial(_lstm_hidden_gates, precision=precision),
+        functools.partial(_lstm_output, precision=precision),
+    )
 
 
 def lstm_step(
@@ -69,17 +135,7 @@ def lstm_step(
     Returns:
         ``((h, c), h)``: the new carry and the step's output (``h``, projected when proj_size).
     """
-    h, c = carry
-    gates_x = jnp.dot(x, weights.ih_kernel, precision=precision)  # (..., 4H)
-    gates_h = jnp.dot(h, weights.hh_kernel, precision=precision)  # (..., 4H)
-    if weights.ih_bias is not None:
-        # torch adds each bias to its own product: (x W_ih + b_ih) + (h W_hh + b_hh)
-        gates_x = gates_x + weights.ih_bias
-        gates_h = gates_h + weights.hh_bias
-    h, c = _gates_to_carry(gates_x + gates_h, c)
-    if weights.proj_kernel is not None:
-        h = jnp.dot(h, weights.proj_kernel, precision=precision)  # (..., P)
-    return (h, c), h
+    return lstm_cell(precision)(weights, carry, x)
 
 
 def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
@@ -145,6 +201,38 @@ def _conv(x: Array, kernel: Array, dilation: Sequence[int], precision: Precision
     return _conv_same(x, kernel, tuple(dilation), padding, precision)
 
 
+def _conv_gates(kernel: Array, bias: Optional[Array], x: Array, dilation, precision) -> Array:
+    """'same' convolution plus bias over ``(N, H, W, C)``, or ``(N, ...)`` leading axes folded."""
+    lead = x.shape[:-3]
+    y = _conv(x.reshape((-1,) + x.shape[-3:]), kernel, dilation, precision)
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
+
+
+def _convlstm_input_gates(weights: ConvLSTMWeights, x: Array, dilation, precision) -> Array:
+    return _conv_gates(weights.ih_kernel, weights.ih_bias, x, dilation, precision)
+
+
+def _convlstm_hidden_gates(weights: ConvLSTMWeights, h: Array, dilation, precision) -> Array:
+    return _conv_gates(weights.hh_kernel, weights.hh_bias, h, dilation, precision)
+
+
+def _identity_output(weights: Any, h: Array) -> Array:
+    del weights
+    return h
+
+
+@functools.lru_cache(maxsize=None)
+def convlstm_cell(dilation: tuple[int, int] = (1, 1), precision: PrecisionLike = None) -> Cell:
+    """The ConvLSTM step as a ``Cell`` (one object per dilation and precision)."""
+    dilation = tuple(dilation)
+    return Cell(
+        functools.partial(_convlstm_input_gates, dilation=dilation, precision=precision),
+        functools.partial(_convlstm_hidden_gates, dilation=dilation, precision=precision),
+        _identity_output,
+    )
+
+
 def convlstm_step(
     weights: ConvLSTMWeights,
     carry: Carry,
@@ -164,14 +252,7 @@ def convlstm_step(
     Returns:
         ``((h, c), h)``.
     """
-    h, c = carry
-    gates_x = _conv(x, weights.ih_kernel, dilation, precision)  # (B, H, W, 4H)
-    gates_h = _conv(h, weights.hh_kernel, dilation, precision)
-    if weights.ih_bias is not None:
-        gates_x = gates_x + weights.ih_bias
-        gates_h = gates_h + weights.hh_bias
-    h, c = _gates_to_carry(gates_x + gates_h, c)
-    return (h, c), h
+    return convlstm_cell(tuple(dilation), precision)(weights, carry, x)
 
 
 # ----------------------------------------------------------------------------------- params

@@ -22,10 +22,11 @@ from .cells import (
     check_int,
     check_lstm_sizes,
     computation_dtype,
-    convlstm_step,
+    Cell,
+    convlstm_cell,
     declare_convlstm_weights,
     declare_lstm_weights,
-    lstm_step,
+    lstm_cell,
 )
 from .scan import Step, run_stack_jit
 from .sharding import BatchAxis, MeshLike, check_batch, resolve_mesh, run_stack_sharded
@@ -171,24 +172,19 @@ def _keep_mask(
 
 
 @functools.lru_cache(maxsize=None)
-def _lstm_step(precision) -> Step:
-    """One step function object per option set: a static argument that jit can cache on."""
-    return functools.partial(lstm_step, precision=precision)
-
-
-@functools.lru_cache(maxsize=None)
 def _rematerialized(step: Step) -> Step:
     return jax.checkpoint(step)
 
 
 @functools.lru_cache(maxsize=None)
-def _convlstm_step(dilation: tuple[int, int], precision) -> Step:
-    return functools.partial(convlstm_step, dilation=dilation, precision=precision)
+def _autodiff_step(cell: Cell) -> Step:
+    """The cell as a plain step: the scan gets JAX's own differentiation (forward mode too)."""
+    return functools.partial(Cell.__call__, cell)
 
 
 def _run_sequence(
     module: nn.Module,
-    step: Step,
+    step: Cell,
     layer_weights,
     x: Array,
     carry: Optional[Carry],
@@ -225,6 +221,8 @@ def _run_sequence(
 
     if module.remat:
         step = _rematerialized(step)
+    elif not module.batched_backward:
+        step = _autodiff_step(step)
     keeps = None
     if not deterministic and module.dropout > 0.0 and module.num_layers > 1:
         shape = tuple(xs.shape[:2]) + tuple(layer_features)
@@ -300,6 +298,11 @@ class LSTM(nn.Module):
         unroll: time steps per scan iteration (speed only, same result).
         remat: recompute each cell step in the backward pass (``jax.checkpoint``) instead of
             storing its gates: ~3x less activation memory for long chunks, same values.
+        batched_backward: the backward pass computes the gradients of the weights and of the
+            input for all steps at once, one matmul each after the recurrent loop (a custom
+            VJP; 1.2-1.6x faster on the CPU). Reverse mode only: set False for forward-mode
+            differentiation (``jax.jvp``, ``jax.jacfwd``), which then runs JAX's own
+            differentiation of the scan. Ignored with ``remat``, which always uses the latter.
 
     Parameters live in ``params['layer_{k}']`` (and ``'layer_{k}_reverse'``): ``ih_kernel``
     ``(F_k, 4H)``, ``hh_kernel`` ``(H_out, 4H)``, ``ih_bias``, ``hh_bias`` ``(4H,)``,
@@ -326,6 +329,7 @@ class LSTM(nn.Module):
     precision: PrecisionLike = None
     unroll: int = 1
     remat: bool = False
+    batched_backward: bool = True
 
     def __post_init__(self):
         check_lstm_sizes(self.hidden_size, self.proj_size)
@@ -409,7 +413,7 @@ class LSTM(nn.Module):
             in_features = self.num_directions * self.output_size
 
         return _run_sequence(
-            self, _lstm_step(self.precision), layer_weights, x, carry, layout,
+            self, lstm_cell(self.precision), layer_weights, x, carry, layout,
             batch_shape=() if layout.batch is None else (layout.batch,),
             carry_names="layers * directions, batch, features",
             layer_features=(self.num_directions * self.output_size,),
@@ -432,7 +436,7 @@ class ConvLSTM(nn.Module):
         dilation: int or pair.
         dropout: inter-layer dropout, as for ``LSTM``.
         time_major: input ``(T, B, H, W, C)`` instead of ``(B, T, H, W, C)``.
-        dtype, param_dtype, precision, unroll, remat: as for ``LSTM``.
+        dtype, param_dtype, precision, unroll, remat, batched_backward: as for ``LSTM``.
 
     Parameters live in ``params['layer_{k}']``: ``ih_kernel`` ``(kh, kw, C_k, 4H)``,
     ``hh_kernel`` ``(kh, kw, H, 4H)``, ``ih_bias``, ``hh_bias`` ``(4H,)``.
@@ -456,6 +460,7 @@ class ConvLSTM(nn.Module):
     precision: PrecisionLike = None
     unroll: int = 1
     remat: bool = False
+    batched_backward: bool = True
 
     def __post_init__(self):
         check_int(self.hidden_channels, "hidden_channels", 1)
@@ -517,7 +522,7 @@ class ConvLSTM(nn.Module):
 
         spatial = tuple(x.shape[-3:-1])
         return _run_sequence(
-            self, _convlstm_step(as_pair(self.dilation, "dilation"), self.precision),
+            self, convlstm_cell(as_pair(self.dilation, "dilation"), self.precision),
             layer_weights, x, carry, layout,
             batch_shape=spatial if layout.batch is None else (layout.batch,) + spatial,
             carry_names="layers, batch, H, W, channels",

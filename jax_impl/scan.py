@@ -2,15 +2,19 @@
 
 Everything here is time-major: ``xs`` is ``(T, B, ...)`` with features last. A ``step`` is any
 ``step(weights, carry, x) -> (carry, y)`` (``cells.lstm_step``, ``cells.convlstm_step`` with its
-options bound).
+options bound). A ``cells.Cell`` (``cells.lstm_cell(...)``, ``cells.convlstm_cell(...)``) is such a
+step too, and gets a faster backward pass: see ``_scan_cell``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from .cells import Cell, lstm_update
 
 Array = jax.Array
 Step = Callable[[Any, Any, Array], tuple[Any, Array]]
@@ -64,6 +68,9 @@ def scan_direction(
         reverse: run from the end.
         unroll: ``jax.lax.scan``'s unroll.
 
+    A ``cells.Cell`` step gets ``_scan_cell``'s backward pass (reverse mode only: ``jax.jvp``
+    needs a plain step function); any other step, JAX's own differentiation of the scan.
+
     Returns:
         ``(final_carry, ys)`` with ``ys`` ``(T, B, ...)`` in the original time order.
     """
@@ -88,20 +95,118 @@ def scan_direction(
     if lengths is not None:
         valid = jnp.arange(num_steps)[:, None] < lengths[None, :]  # (T, B)
 
+    if isinstance(step, Cell):
+        carry, ys = _scan_cell(step, weights, carry, xs, valid, reset, reverse, unroll)
+    else:
+        carry, ys = _scan_plain(step, weights, carry, xs, valid, reset, reverse, unroll)
+    if index is not None:
+        ys = _take_time(ys, index)  # the reversal is its own inverse
+    return carry, ys
+
+
+def _sequence_body(advance: Callable, weights: Any) -> Callable:
+    """The scan body around one step: reset the carry before it, keep it where invalid.
+
+    ``advance(weights, carry, x) -> (carry, y, extra)``; ``extra`` is stacked over time as is.
+    """
+
     def body(carry, inputs):
         x, is_valid, is_reset = inputs
         if is_reset is not None:
             carry = _where_rows(is_reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
-        new_carry, y = step(weights, carry, x)
+        new_carry, y, extra = advance(weights, carry, x)
         if is_valid is not None:
             new_carry = _where_rows(is_valid, new_carry, carry)
             y = _where_rows(is_valid, y, jnp.zeros_like(y))
-        return new_carry, y
+        return new_carry, (y, extra)
 
-    carry, ys = jax.lax.scan(body, carry, (xs, valid, reset), reverse=reverse, unroll=unroll)
-    if index is not None:
-        ys = _take_time(ys, index)  # the reversal is its own inverse
+    return body
+
+
+def _scan_plain(step, weights, carry, xs, valid, reset, reverse, unroll):
+    def advance(weights, carry, x):
+        return (*step(weights, carry, x), None)
+
+    carry, (ys, _) = jax.lax.scan(
+        _sequence_body(advance, weights), carry, (xs, valid, reset), reverse=reverse, unroll=unroll
+    )
     return carry, ys
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _scan_cell(cell: Cell, weights, carry, xs, valid, reset, reverse: bool, unroll: int):
+    """``_scan_plain`` for a ``Cell``, with a backward pass that batches the linear maps.
+
+    Why: differentiated as it stands, a scan accumulates every weight gradient inside the
+    backward loop, one small matmul per step and weight, on one core. Here the backward loop
+    carries only what is recurrent (``dh W_hh^T`` and the gate derivatives); the gradients of
+    the weights and of ``xs`` are one large matmul (or convolution) each over all T*B rows,
+    after the loop. Measured at B32 T128 H128: forward+backward 2.4x -> 1.5x torch's time.
+    """
+    return _scan_plain(cell, weights, carry, xs, valid, reset, reverse, unroll)
+
+
+def _scan_cell_fwd(cell, weights, carry, xs, valid, reset, reverse, unroll):
+    def advance(weights, carry, x):
+        new_carry, gates, h_full = cell.step_with_gates(weights, carry, x)
+        projected = h_full is not new_carry[0]  # Cell.output returns h itself when it is no map
+        # ``carry`` is what entered the step (after any reset): the hidden map's input.
+        return new_carry, new_carry[0], (gates, carry, h_full if projected else None)
+
+    final, (ys, residuals) = jax.lax.scan(
+        _sequence_body(advance, weights), carry, (xs, valid, reset), reverse=reverse, unroll=unroll
+    )
+    return (final, ys), (weights, xs, valid, reset, residuals)
+
+
+def _scan_cell_bwd(cell, reverse, unroll, saved, cotangents):
+    weights, xs, valid, reset, (gates, (h_in, c_in), h_full) = saved
+    d_final, d_ys = cotangents
+
+    def body(d_carry, inputs):
+        d_h, d_c = d_carry  # with respect to the carry after this step
+        d_y, g, h_prev, c_prev, h_step, is_valid, is_reset = inputs
+        d_out = d_h + d_y  # the step's h went to the next step and to the output
+        d_full = d_out
+        if h_step is not None:
+            _, output_vjp = jax.vjp(lambda h: cell.output(weights, h), h_step)
+            (d_full,) = output_vjp(d_out)
+        _, update_vjp = jax.vjp(lstm_update, g, c_prev)
+        d_gates, d_c_prev = update_vjp((d_full, d_c))
+        _, hidden_vjp = jax.vjp(lambda h: cell.hidden_gates(weights, h), h_prev)
+        (d_h_prev,) = hidden_vjp(d_gates)
+        if is_valid is not None:  # a step past the row's length left the carry as it was
+            d_gates = _where_rows(is_valid, d_gates, jnp.zeros_like(d_gates))
+            d_out = _where_rows(is_valid, d_out, jnp.zeros_like(d_out))
+            d_h_prev, d_c_prev = _where_rows(is_valid, (d_h_prev, d_c_prev), (d_h, d_c))
+        if is_reset is not None:  # the carry was zeroed before this step
+            zeros = (jnp.zeros_like(d_h_prev), jnp.zeros_like(d_c_prev))
+            d_h_prev, d_c_prev = _where_rows(is_reset, zeros, (d_h_prev, d_c_prev))
+        return (d_h_prev, d_c_prev), (d_gates, d_out if h_step is not None else None)
+
+    d_carry, (d_gates, d_outs) = jax.lax.scan(
+        body,
+        tuple(d_final),
+        (d_ys, gates, h_in, c_in, h_full, valid, reset),
+        reverse=not reverse,
+        unroll=unroll,
+    )
+
+    def over_time(a):  # (T, B, ...) -> (T*B, ...): every step as one batch
+        return a.reshape((-1,) + a.shape[2:])
+
+    _, input_vjp = jax.vjp(cell.input_gates, weights, over_time(xs))
+    d_weights, d_xs = input_vjp(over_time(d_gates))
+    _, hidden_vjp = jax.vjp(lambda w: cell.hidden_gates(w, over_time(h_in)), weights)
+    parts = [d_weights, hidden_vjp(over_time(d_gates))[0]]
+    if h_full is not None:
+        _, output_vjp = jax.vjp(lambda w: cell.output(w, over_time(h_full)), weights)
+        parts.append(output_vjp(over_time(d_outs))[0])
+    d_weights = jax.tree_util.tree_map(lambda *a: sum(a[1:], a[0]), *parts)
+    return d_weights, d_carry, d_xs.reshape(xs.shape), None, None
+
+
+_scan_cell.defvjp(_scan_cell_fwd, _scan_cell_bwd)
 
 
 def run_stack(
