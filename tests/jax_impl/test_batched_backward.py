@@ -139,3 +139,38 @@ def test_forward_mode_needs_the_autodiff_path():
     assert tangent.shape == x.shape[:2] + (3,) and bool(jnp.all(jnp.isfinite(tangent)))
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(output(module), (x,), (jnp.ones_like(x),))
+
+
+@pytest.mark.parametrize(
+    "kernel_size, dilation, channels, features, batch",
+    [
+        ((3, 3), (1, 1), 3, 64, 5),  # few input channels: the col2im input gradient
+        ((3, 3), (1, 1), 16, 8, 5),  # many: the flipped-kernel convolution
+        ((2, 4), (2, 1), 2, 40, 3),  # even kernels, dilated, asymmetric 'same' padding
+        ((2, 3), (1, 2), 6, 4, 7),
+    ],
+)
+def test_conv_gradients_equal_xla(kernel_size, dilation, channels, features, batch, x64,
+                                  monkeypatch):
+    """The ConvLSTM convolution's own VJP (cells._conv_same) against XLA's, float64, with the
+    im2col chunk budget set so small that the kernel gradient runs in several chunks."""
+    from jax_impl import cells
+
+    monkeypatch.setattr(cells, "_IM2COL_CHUNK_BYTES", 1)  # one image per chunk
+    rng = np.random.default_rng(sum(kernel_size) + channels)
+    x = jnp.asarray(rng.normal(size=(batch, 6, 7, channels)))
+    kernel = jnp.asarray(rng.normal(size=kernel_size + (channels, features)))
+    g = jnp.asarray(rng.normal(size=(batch, 6, 7, features)))
+    padding = tuple(cells.same_padding(kernel_size, dilation))
+
+    def ours(x, kernel):
+        return cells._conv_same(x, kernel, dilation, padding, None)
+
+    def xla(x, kernel):
+        return cells._lax_conv(x, kernel, dilation, padding, None)
+
+    ours_out, ours_vjp = jax.vjp(ours, x, kernel)
+    xla_out, xla_vjp = jax.vjp(xla, x, kernel)
+    np.testing.assert_array_equal(ours_out, xla_out)
+    for mine, reference in zip(ours_vjp(g), xla_vjp(g)):
+        np.testing.assert_allclose(mine, reference, rtol=1e-12, atol=1e-12)
