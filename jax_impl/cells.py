@@ -54,9 +54,15 @@ def lstm_update(gates: Array, c: Array) -> Carry:
     Returns ``(h, c)``: the new cell state and ``h`` before any projection.
     """
     i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    c = _sigmoid(f) * c + _sigmoid(i) * jnp.tanh(g)
+    h = _sigmoid(o) * jnp.tanh(c)
     return h, c
+
+
+def _sigmoid(x: Array) -> Array:
+    """The logistic function through one tanh: XLA:CPU expands ``jax.nn.sigmoid`` to an exp
+    and a division, which made an LSTM forward ~10% slower (B32 H128); equal within rounding."""
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 
 @dataclasses.dataclass(frozen=True)
