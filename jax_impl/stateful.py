@@ -118,7 +118,7 @@ class Stateful:
         self._carry: Optional[Carry] = None
         self.mesh = None if mesh is None else resolve_mesh(mesh, batch_axis)
         self.batch_axis = batch_axis
-        self._lengths: dict[tuple[int, int], Array] = {}  # mesh only: see _full_lengths
+        self._lengths: dict[tuple[int, int], Array] = {}  # see _full_lengths
         self._padded: set[int] = set()  # time lengths run so far (compiled programs)
         self._requests: dict[int, int] = {}  # bucket -> chunks that asked for it
         if self.mesh is None:
@@ -203,11 +203,15 @@ class Stateful:
         # straight from numpy to its shards: no stop on the default device first
         return jax.device_put(value, sharding)
 
-    def _full_lengths(self, batch: int, num_steps: int) -> Array:
-        """The split ``(B,)`` lengths of a chunk with no seq_lengths, placed once per size."""
+    def _full_lengths(self, batch: Optional[int], num_steps: int) -> Array:
+        """The lengths of a chunk with no seq_lengths (``(B,)``, or ``()`` unbatched), on the
+        device (split over the mesh) once per size: no transfer per chunk."""
         key = (batch, num_steps)
         if key not in self._lengths:
-            self._lengths[key] = self._place_batch(np.full((batch,), num_steps, np.int32), 0)
+            value = np.full(() if batch is None else (batch,), num_steps, np.int32)
+            self._lengths[key] = (
+                jnp.asarray(value) if self.mesh is None else self._place_batch(value, 0)
+            )
         return self._lengths[key]
 
     # -- streaming --------------------------------------------------------------------
@@ -239,7 +243,8 @@ class Stateful:
         Returns:
             The chunk's output, in the input's layout.
         """
-        x = jnp.asarray(x)
+        if not isinstance(x, jax.Array):  # jnp.asarray costs ~70 us even on a jax.Array
+            x = jnp.asarray(x)
         if x.ndim not in (1 + self._feature_rank, 2 + self._feature_rank):
             raise ValueError(
                 f"chunk has rank {x.ndim} (shape {tuple(x.shape)}), expected "
@@ -270,25 +275,27 @@ class Stateful:
         # Always the masked program, padded or not: XLA fuses the masked and the plain scan
         # differently (last-ulp differences), and one stream must not mix the two.
         padded = self._padded_length(num_steps)
-        lengths = np.full((batch,) if batched else (), num_steps, np.int32)
-        if seq_lengths is not None:
-            lengths = check_seq_lengths(seq_lengths, batch, num_steps).reshape(lengths.shape)
-        widths = [(0, 0)] * x.ndim
-        widths[time_axis] = (0, padded - num_steps)
-        x = jnp.pad(x, widths)
+        if seq_lengths is None:
+            lengths = self._full_lengths(batch if batched else None, num_steps)
+        else:
+            lengths = check_seq_lengths(seq_lengths, batch, num_steps)
+            lengths = self._place_batch(lengths.reshape((batch,) if batched else ()), 0)
         if reset is not None:
             # checked before padding, so the message gives the chunk's shapes, not the bucket's
             reset = check_reset(reset, *layout.mask_shape())
-            reset = jnp.pad(reset, widths[: reset.ndim])
+        if padded != num_steps:  # each eager pad or slice is a dispatch: only when needed
+            widths = [(0, 0)] * x.ndim
+            widths[time_axis] = (0, padded - num_steps)
+            x = jnp.pad(x, widths)
+            if reset is not None:
+                reset = jnp.pad(reset, widths[: reset.ndim])
         if self.mesh is not None:
             x = self._place_batch(x, 1 - time_axis)
-            if seq_lengths is None:
-                lengths = self._full_lengths(batch, num_steps)
-            else:
-                lengths = self._place_batch(lengths, 0)
             reset = self._place_batch(reset, 1 - time_axis)
         y, self._carry = self.step(self.variables, self._carry, x, lengths, reset)
-        return jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
+        if padded != num_steps:
+            y = jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
+        return y
 
 def _check_mask(mask, batch: Optional[int]) -> Array:
     mask = np.asarray(mask)
