@@ -1,5 +1,6 @@
 """carryover's JAX/Flax side: torch.nn.LSTM semantics as pure cells, a scan driver and Flax modules."""
 
+from . import _xla_cpu  # first: it must see JAX before its backends start  # noqa: F401, I001
 from .cells import (
     ConvLSTMCell,
     ConvLSTMWeights,
