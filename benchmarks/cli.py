@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# Imported before anything starts JAX's backends, so that --small-loop-kernels (an XLA option
+# of the whole process, see jax_impl/_xla_cpu.py) can still take effect.
+import jax_impl  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -109,6 +113,7 @@ def environment() -> dict:
         "torch_mkldnn_enabled": torch.backends.mkldnn.enabled,
         "torch_parallel_info": torch.__config__.parallel_info(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "small_loop_kernels": jax_impl.small_loop_kernels_enabled(),
         "jax_backend": jax.default_backend(),
         "env": {k: os.environ.get(k) for k in (
             "XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
@@ -386,6 +391,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--first-call-runs", type=int, default=None,
                         help="fresh subprocesses for the first-call time (default 3, quick 1)")
     parser.add_argument("--list", action="store_true", help="list the case names and exit")
+    parser.add_argument("--small-loop-kernels", action="store_true",
+                        help="run with jax_impl.enable_small_loop_kernels() (an opt-in XLA:CPU "
+                             "option of the whole process; the first-call children get it too)")
     parser.add_argument("--rerender", action="store_true",
                         help="rewrite results.md and ratios.png (and the targets) from the "
                              "results.json in --out, without running anything")
@@ -394,6 +402,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.small_loop_kernels and not jax_impl.enable_small_loop_kernels():
+        raise SystemExit("--small-loop-kernels: could not set the XLA option (see the warning)")
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")

@@ -1,6 +1,7 @@
 """carryover's JAX/Flax side: torch.nn.LSTM semantics as pure cells, a scan driver and Flax modules."""
 
-from . import _xla_cpu  # first: it must see JAX before its backends start  # noqa: F401, I001
+# first: CARRYOVER_SMALL_LOOP_KERNELS must reach XLA_FLAGS before JAX starts its backends
+from ._xla_cpu import enable_small_loop_kernels, small_loop_kernels_enabled  # noqa: I001
 from .cells import (
     ConvLSTMCell,
     ConvLSTMWeights,
@@ -33,5 +34,7 @@ __all__ = [
     "ShardedModule",
     "shard_batch",
     "replicate",
+    "enable_small_loop_kernels",
+    "small_loop_kernels_enabled",
     "make_tbptt_step", "remat_apply", "clip_by_global_norm_torch", "mse_loss",
 ]

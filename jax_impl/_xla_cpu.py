@@ -1,34 +1,31 @@
-"""The one XLA:CPU option jax_impl sets for its process: measured to help, never changing values.
+"""An opt-in XLA:CPU option for batch-1 streaming: ``enable_small_loop_kernels``.
 
 ``xla_cpu_small_while_loop_byte_threshold`` lets XLA:CPU compile a while loop whose buffers
 total under the threshold as one kernel, instead of dispatching every op of every iteration
 through its runtime. Batch-1 streaming is exactly such a loop: an LSTM B1 T1024 I32 H64
-forward ran in 1.9 ms instead of 3.1 ms (0.42x torch's time instead of 0.75x), with outputs and
-gradients bitwise equal. The threshold stays at 1 MB because larger loops can lose a lot: a
-ConvLSTM's backward pass (B4 64x64) took 11 s instead of 0.26 s with every loop compiled so.
+forward ran in 1.9 ms instead of 3.1 ms (0.42x torch's time instead of 0.75x), its outputs and
+gradients bitwise the same.
+
+Why it is not on by default: it is an option of the whole process, and it changes how XLA
+compiles other loops too. A small ConvLSTM's convolutions then round differently (4e-8 in
+float32, within every parity bound, but not bitwise what they were), and big loops can lose a
+lot: with every loop compiled so, a ConvLSTM's backward pass (B4 64x64) took 11 s instead of
+0.26 s. At 1 MB, the default threshold here, the LSTM configurations measured were unchanged
+except the batch-1 one.
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its backends, and refuses this option in
-per-jit ``compiler_options``: so it is set in the environment when ``jax_impl`` is imported,
-and only if
-
-* JAX has not started its backends yet (after that it would change nothing),
-* ``XLA_FLAGS`` does not already hold ``--xla_backend_extra_options`` (the user's own choice
-  wins; the option takes one list, so ours would replace theirs), and
-* ``CARRYOVER_NO_XLA_FLAGS`` is unset or empty (the opt-out).
-
-``SMALL_LOOP_FLAG_SET`` says whether it was set in this process.
+per-jit ``compiler_options``: so it must be set before the first JAX computation, either by
+calling ``enable_small_loop_kernels()`` first thing, or with ``CARRYOVER_SMALL_LOOP_KERNELS=1``
+in the environment, which ``import jax_impl`` honours.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 SMALL_WHILE_LOOP_BYTES = 1 << 20
-FLAG = (
-    "--xla_backend_extra_options="
-    f"xla_cpu_small_while_loop_byte_threshold={SMALL_WHILE_LOOP_BYTES}"
-)
-OPT_OUT = "CARRYOVER_NO_XLA_FLAGS"
+ENV = "CARRYOVER_SMALL_LOOP_KERNELS"
 
 
 def _backends_started() -> bool:
@@ -40,13 +37,49 @@ def _backends_started() -> bool:
     return True if started is None else bool(started())
 
 
-def set_small_loop_flag() -> bool:
-    """Adds ``FLAG`` to ``XLA_FLAGS`` under the conditions above; True when it did."""
+def enable_small_loop_kernels(threshold_bytes: int = SMALL_WHILE_LOOP_BYTES) -> bool:
+    """Asks XLA:CPU to compile while loops under ``threshold_bytes`` as single kernels.
+
+    Call it before any JAX computation (it adds to ``XLA_FLAGS``, which XLA reads when its
+    backends start). Nothing is changed, with a warning naming why, if the backends have
+    already started or if ``XLA_FLAGS`` already holds ``--xla_backend_extra_options`` (the
+    option takes one list: ours would replace yours; add
+    ``xla_cpu_small_while_loop_byte_threshold=N`` to it yourself).
+
+    Arguments:
+        threshold_bytes: the loop size (its buffers, in bytes) under which a loop is compiled
+            as one kernel; an int >= 1.
+
+    Returns:
+        True when the option was set.
+
+    Example:
+        >>> import jax_impl
+        >>> jax_impl.enable_small_loop_kernels()      # first, before any JAX computation
+        >>> stream = jax_impl.Stateful(lstm, variables)
+    """
+    if not isinstance(threshold_bytes, int) or isinstance(threshold_bytes, bool):
+        raise TypeError(f"threshold_bytes must be an int, got {type(threshold_bytes).__name__}")
+    if threshold_bytes < 1:
+        raise ValueError(f"threshold_bytes must be >= 1, got {threshold_bytes}")
     flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get(OPT_OUT) or "xla_backend_extra_options" in flags or _backends_started():
+    if "xla_backend_extra_options" in flags:
+        warnings.warn("XLA_FLAGS already sets --xla_backend_extra_options: left as it is",
+                      stacklevel=2)
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+    if _backends_started():
+        warnings.warn("JAX's backends have started: XLA_FLAGS is read only before that, so "
+                      "small-loop kernels stay off in this process", stacklevel=2)
+        return False
+    flag = f"--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold={threshold_bytes}"
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
     return True
 
 
-SMALL_LOOP_FLAG_SET = set_small_loop_flag()
+def small_loop_kernels_enabled() -> bool:
+    """Whether ``XLA_FLAGS`` asks for small-loop kernels (in effect if set before JAX started)."""
+    return "xla_cpu_small_while_loop_byte_threshold" in os.environ.get("XLA_FLAGS", "")
+
+
+if os.environ.get(ENV, "") not in ("", "0"):
+    enable_small_loop_kernels()

@@ -4,7 +4,8 @@ Every gradient — parameters, input, initial carry — of the default modules e
 the same module with ``batched_backward=False`` to float64 rounding, over the options that
 change the backward loop: packed lengths (a 0 and a full row), resets, the reverse direction,
 projection, no bias, two layers with dropout, a cotangent on the final carry, ConvLSTM with an
-even dilated kernel. Forward values are the very same ops and must be bitwise equal. A
+even dilated kernel. Forward values are the same ops (equal to rounding: XLA may fuse the
+two programs differently). A
 deliberately wrong backward (the reset rule dropped) is caught, so the comparison can fail.
 """
 
@@ -60,7 +61,7 @@ def _case(module, x_shape, rng, *, lengths=False, reset=False, dropout_masks=Fal
 
 def _assert_same_gradients(batched, autodiff, rtol=RTOL_F64):
     (value_b, grads_b), (value_a, grads_a) = batched, autodiff
-    assert value_b == value_a  # the forward pass runs the same ops
+    np.testing.assert_allclose(value_b, value_a, rtol=1e-14)  # the same forward ops
     paths_a = jax.tree_util.tree_leaves_with_path(grads_a)
     for (path, b), (_, a) in zip(jax.tree_util.tree_leaves_with_path(grads_b), paths_a):
         scale = max(float(jnp.max(jnp.abs(a))), 1.0)
