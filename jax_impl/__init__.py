@@ -3,12 +3,16 @@
 # first: CARRYOVER_SMALL_LOOP_KERNELS must reach XLA_FLAGS before JAX starts its backends
 from ._xla_cpu import enable_small_loop_kernels, small_loop_kernels_enabled  # noqa: I001
 from .cells import (
+    Cell,
     ConvLSTMCell,
     ConvLSTMWeights,
     LSTMCell,
     LSTMWeights,
+    convlstm_cell,
     convlstm_step,
+    lstm_cell,
     lstm_step,
+    lstm_update,
 )
 from .modules import LSTM, ConvLSTM
 from .scan import run_stack, scan_direction
@@ -25,6 +29,10 @@ __all__ = [
     "ConvLSTMWeights",
     "lstm_step",
     "convlstm_step",
+    "Cell",
+    "lstm_cell",
+    "convlstm_cell",
+    "lstm_update",
     "scan_direction",
     "run_stack",
     "Stateful",
