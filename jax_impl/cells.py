@@ -79,6 +79,11 @@ class Cell:
     Instances are made once per option set (``lstm_cell``, ``convlstm_cell``): hashable, a
     static argument of ``jax.jit``. Called, a Cell is the plain step ``(w, carry, x) ->
     (carry, y)``.
+
+    Example:
+        >>> cell = lstm_cell()                                   # torch.nn.LSTM's step
+        >>> (h, c), y = cell(weights, (h0, c0), x)                # one step, x (B, F)
+        >>> (h, c), ys = scan_direction(cell, weights, (h0, c0), xs)   # xs (T, B, F)
     """
 
     input_gates: Callable[[Any, Array], Array]  # (w, x (N, ..., F)) -> (N, ..., 4H), ih bias in
