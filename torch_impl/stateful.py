@@ -3,8 +3,8 @@
 :class:`StatefulWrapper` wraps any ``module(x, state) -> (y, state)`` of the supported kinds
 (nn.LSTM, nn.GRU, nn.RNN, :class:`~torch_impl.ConvLSTM2d`) and keeps the returned state for the
 next call, so a long sequence can be fed in chunks (streaming inference, truncated BPTT).
-:class:`StatefulLSTM` and :class:`StatefulConvLSTM` are the same wrapper around a module it
-builds. The state logic exists once, in StatefulWrapper.
+:class:`StatefulLSTM`, :class:`StatefulGRU`, :class:`StatefulRNN` and :class:`StatefulConvLSTM`
+are the same wrapper around a module it builds. The state logic exists once, in StatefulWrapper.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .convlstm import ConvLSTM2d, Pair, _check_bool
 
-__all__ = ["StatefulConvLSTM", "StatefulLSTM", "StatefulWrapper"]
+__all__ = ["StatefulConvLSTM", "StatefulGRU", "StatefulLSTM", "StatefulRNN", "StatefulWrapper"]
 
 # What the wrapped module takes and returns: (h, c) for LSTMs, h for nn.GRU and nn.RNN.
 State = Union[Tensor, tuple[Tensor, Tensor]]
@@ -368,6 +368,96 @@ class StatefulLSTM(StatefulWrapper):
     @property
     def lstm(self) -> nn.LSTM:
         """The wrapped nn.LSTM (the same object as ``.module``)."""
+        return self.module
+
+
+class StatefulGRU(StatefulWrapper):
+    """An nn.GRU (``.gru``) that carries its state h across calls.
+
+    See :class:`StatefulWrapper` for the state handling: the state is one tensor
+    ``(num_layers * num_directions, B, hidden_size)``, or ``(num_layers * num_directions,
+    hidden_size)`` for unbatched input. ``batch_first`` defaults to True.
+
+    Arguments:
+        input_size, hidden_size, num_layers, batch_first: as nn.GRU.
+        detach: detach the state between calls (truncated BPTT).
+        gru_kwargs: other nn.GRU arguments (bias, dropout, bidirectional, device, dtype).
+
+    Example:
+        >>> import torch
+        >>> from torch_impl import StatefulGRU
+        >>> gru = StatefulGRU(8, 16, num_layers=2)
+        >>> y = gru(torch.randn(4, 10, 8))  # the state is kept ...
+        >>> y = gru(torch.randn(4, 10, 8))  # ... and the same sequences continue
+        >>> tuple(y.shape), tuple(gru.state.shape)
+        ((4, 10, 16), (2, 4, 16))
+        >>> gru.reset_states(torch.tensor([True, False, False, False]))  # row 0 starts anew
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = True,
+        detach: bool = True,
+        **gru_kwargs: object,
+    ) -> None:
+        gru = nn.GRU(input_size, hidden_size, num_layers, batch_first=batch_first, **gru_kwargs)
+        super().__init__(gru, detach=detach)
+
+    @property
+    def gru(self) -> nn.GRU:
+        """The wrapped nn.GRU (the same object as ``.module``)."""
+        return self.module
+
+
+class StatefulRNN(StatefulWrapper):
+    """An Elman nn.RNN (``.rnn``) that carries its state h across calls.
+
+    See :class:`StatefulWrapper` for the state handling: the state is one tensor
+    ``(num_layers * num_directions, B, hidden_size)``, or ``(num_layers * num_directions,
+    hidden_size)`` for unbatched input. ``batch_first`` defaults to True.
+
+    Arguments:
+        input_size, hidden_size, num_layers, batch_first: as nn.RNN.
+        nonlinearity: ``"tanh"`` or ``"relu"``, as nn.RNN.
+        detach: detach the state between calls (truncated BPTT).
+        rnn_kwargs: other nn.RNN arguments (bias, dropout, bidirectional, device, dtype).
+
+    Example:
+        >>> import torch
+        >>> from torch_impl import StatefulRNN
+        >>> rnn = StatefulRNN(8, 16, nonlinearity="relu")
+        >>> y = rnn(torch.randn(4, 10, 8))
+        >>> y = rnn(torch.randn(4, 10, 8))  # continues from the state left by the first call
+        >>> tuple(y.shape), tuple(rnn.state.shape)
+        ((4, 10, 16), (1, 4, 16))
+        >>> rnn.reset_states()  # the next call starts from zeros
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        batch_first: bool = True,
+        detach: bool = True,
+        **rnn_kwargs: object,
+    ) -> None:
+        # nn.RNN rejects other values too, but in its own words, which vary across releases.
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        rnn = nn.RNN(
+            input_size, hidden_size, num_layers, nonlinearity=nonlinearity,
+            batch_first=batch_first, **rnn_kwargs,
+        )  # fmt: skip
+        super().__init__(rnn, detach=detach)
+
+    @property
+    def rnn(self) -> nn.RNN:
+        """The wrapped nn.RNN (the same object as ``.module``)."""
         return self.module
 
 

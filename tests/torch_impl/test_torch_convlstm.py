@@ -369,5 +369,6 @@ def test_docstring_examples_run():
 
 def test_public_names():
     assert sorted(torch_impl.__all__) == sorted(
-        ["ConvLSTM2d", "ConvLSTMCell", "convlstm_step", "from_concat_conv", "StatefulLSTM", "StatefulConvLSTM", "StatefulWrapper"]
+        ["ConvLSTM2d", "ConvLSTMCell", "convlstm_step", "from_concat_conv", "StatefulLSTM", "StatefulConvLSTM",
+         "StatefulGRU", "StatefulRNN", "StatefulWrapper"]
     )
