@@ -60,7 +60,7 @@ def worker(devices: int, use_mesh: bool, warmup: int = 2) -> None:
     stream = jax_impl.Stateful(lstm, variables, mesh=mesh)
     chunks = [x[:, t : t + CHUNK] for t in range(0, STEPS, CHUNK)]
     if mesh is not None:
-        chunks = [jax_impl.shard_batch(c, mesh) for c in chunks]
+        chunks = [jax_impl.sharding.shard_batch(c, mesh) for c in chunks]
     jax.block_until_ready(chunks)
 
     def run() -> float:

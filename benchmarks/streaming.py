@@ -76,7 +76,7 @@ def ragged_compilations(cfg: LSTMConfig, chunk: int, ragged: list[int], log=prin
         jax.block_until_ready(stream(x[:, :r]))
         ragged_twice = stream.compilations
         per_length[r] = {
-            "bucket": jax_impl.bucket_length(r),
+            "bucket": jax_impl.functional.bucket_length(r),
             "compilations_after_first_chunk": after_first,
             "compilations_after_warmup": warm,
             "new_for_ragged_chunk": ragged_once - warm,

@@ -1,23 +1,59 @@
 """The scan driver: layers, directions, sequence lengths and resets, apart from the cells.
 
-Everything here is time-major: ``xs`` is ``(T, B, ...)`` with features last. A ``step`` is any
-``step(weights, carry, x) -> (carry, y)`` (``cells.lstm_step``, ``cells.convlstm_step`` with its
-options bound). A ``cells.Cell`` (``cells.lstm_cell(...)``, ``cells.convlstm_cell(...)``) is such a
-step too, and gets a faster backward pass: see ``_scan_cell``.
+Everything here is time-major: ``xs`` is ``(T, B, ...)`` with features last, and works for any
+cell type: a ``cells.CellParts`` (``dense_parts("gru")``, ``conv_parts()``, ...) carrying any
+pytree (``LSTMState(h, c)``, or ``h`` alone). ``RunOptions`` says how to run and differentiate;
+``SequenceMasks`` carries the per-run arrays (lengths, resets, dropout keep masks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from .cells import Cell, lstm_update
+from .cells import CellParts
 
 Array = jax.Array
 Step = Callable[[Any, Any, Array], tuple[Any, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a stack runs: hashable, a static argument of ``jax.jit``.
+
+    Arguments:
+        backward: the gradient path. ``"batched"`` (default): a custom VJP whose backward loop
+            carries only the recurrent terms and computes the weight and input gradients of all
+            steps as one matmul (or convolution) each after the loop; reverse mode only.
+            ``"autodiff"``: JAX's own differentiation of the scan (forward mode too: ``jax.jvp``,
+            ``jax.jacfwd``). ``"remat"``: JAX's own, recomputing each step in the backward
+            pass (``jax.checkpoint``) instead of storing its intermediates: less memory.
+        unroll: time steps per scan iteration (speed only, same result).
+        dropout: the inter-layer dropout rate the keep masks were drawn with.
+    """
+
+    backward: str = "batched"
+    unroll: int = 1
+    dropout: float = 0.0
+
+
+class SequenceMasks(NamedTuple):
+    """The per-run arrays of a stack, time-major; each None when unused.
+
+    Arguments:
+        lengths: ``(B,)`` ints in [0, T]: torch's packed-sequence semantics.
+        reset: ``(T, B)`` bools: zero the carry before each marked step.
+        keep: inter-layer dropout, one keep mask per gap between layers, each shaped like that
+            layer's output ``(T, B, ...)``; applied as torch's F.dropout, ``y * (keep / (1 - p))``.
+    """
+
+    lengths: Optional[Array] = None
+    reset: Optional[Array] = None
+    keep: Optional[Sequence[Array]] = None
 
 
 def _where_rows(mask: Array, new, old):
@@ -27,6 +63,10 @@ def _where_rows(mask: Array, new, old):
         return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
 
     return jax.tree_util.tree_map(pick, new, old)
+
+
+def _zeros_like(tree):
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
 def _reversal_index(lengths: Array, num_steps: int) -> Array:
@@ -41,8 +81,14 @@ def _take_time(xs: Array, index: Array) -> Array:
     return jnp.take_along_axis(xs, index, axis=0)
 
 
+def _plain_step(cell: Union[CellParts, Step], backward: str) -> Step:
+    if backward == "remat":
+        return jax.checkpoint(cell)
+    return cell
+
+
 def scan_direction(
-    step: Step,
+    cell: Union[CellParts, Step],
     weights: Any,
     carry: Any,
     xs: Array,
@@ -50,12 +96,13 @@ def scan_direction(
     lengths: Optional[Array] = None,
     reset: Optional[Array] = None,
     reverse: bool = False,
-    unroll: int = 1,
+    options: RunOptions = RunOptions(),
 ) -> tuple[Any, Array]:
     """Runs one layer in one direction over time, torch's packed-sequence semantics.
 
     Arguments:
-        step: the cell function.
+        cell: a ``CellParts``, or (with ``backward="autodiff"`` or ``"remat"``) any step
+            function ``step(weights, carry, x) -> (carry, y)``.
         weights: its parameters.
         carry: the initial carry, a pytree of ``(B, ...)`` arrays.
         xs: inputs ``(T, B, ...)``.
@@ -66,13 +113,17 @@ def scan_direction(
             reverse direction, a reset at ``t`` zeroes it before step ``t-1``, so the two
             halves of a split sequence never see each other).
         reverse: run from the end.
-        unroll: ``jax.lax.scan``'s unroll.
-
-    A ``cells.Cell`` step gets ``_scan_cell``'s backward pass (reverse mode only: ``jax.jvp``
-    needs a plain step function); any other step, JAX's own differentiation of the scan.
+        options: ``RunOptions`` (the gradient path, unroll).
 
     Returns:
         ``(final_carry, ys)`` with ``ys`` ``(T, B, ...)`` in the original time order.
+
+    Example:
+        >>> from jax_impl.functional import DenseWeights, dense_parts
+        >>> w = DenseWeights(jnp.ones((3, 8)), jnp.ones((8, 8)))
+        >>> h, ys = scan_direction(dense_parts("rnn_tanh"), w, jnp.zeros((2, 8)), jnp.ones((5, 2, 3)))
+        >>> ys.shape
+        (5, 2, 8)
     """
     num_steps = xs.shape[0]
     if reset is not None and lengths is not None:
@@ -95,10 +146,17 @@ def scan_direction(
     if lengths is not None:
         valid = jnp.arange(num_steps)[:, None] < lengths[None, :]  # (T, B)
 
-    if isinstance(step, Cell):
-        carry, ys = _scan_cell(step, weights, carry, xs, valid, reset, reverse, unroll)
+    if options.backward == "batched":
+        if not isinstance(cell, CellParts):
+            raise TypeError(
+                f'backward="batched" needs a CellParts (dense_parts, conv_parts), got '
+                f'{type(cell).__name__}; use backward="autodiff" for another step function'
+            )
+        carry = cell.kind.join(*cell.kind.split(carry))  # one pytree type in and out
+        carry, ys = _scan_parts(cell, weights, carry, xs, valid, reset, reverse, options.unroll)
     else:
-        carry, ys = _scan_plain(step, weights, carry, xs, valid, reset, reverse, unroll)
+        step = _plain_step(cell, options.backward)
+        carry, ys = _scan_plain(step, weights, carry, xs, valid, reset, reverse, options.unroll)
     if index is not None:
         ys = _take_time(ys, index)  # the reversal is its own inverse
     return carry, ys
@@ -113,7 +171,7 @@ def _sequence_body(advance: Callable, weights: Any) -> Callable:
     def body(carry, inputs):
         x, is_valid, is_reset = inputs
         if is_reset is not None:
-            carry = _where_rows(is_reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
+            carry = _where_rows(is_reset, _zeros_like(carry), carry)
         new_carry, y, extra = advance(weights, carry, x)
         if is_valid is not None:
             new_carry = _where_rows(is_valid, new_carry, carry)
@@ -134,24 +192,25 @@ def _scan_plain(step, weights, carry, xs, valid, reset, reverse, unroll):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
-def _scan_cell(cell: Cell, weights, carry, xs, valid, reset, reverse: bool, unroll: int):
-    """``_scan_plain`` for a ``Cell``, with a backward pass that batches the linear maps.
+def _scan_parts(cell: CellParts, weights, carry, xs, valid, reset, reverse: bool, unroll: int):
+    """``_scan_plain`` for ``CellParts``, with a backward pass that batches the linear maps.
 
     Why: differentiated as it stands, a scan accumulates every weight gradient inside the
     backward loop, one small matmul per step and weight, on one core. Here the backward loop
-    carries only what is recurrent (``dh W_hh^T`` and the gate derivatives); the gradients of
-    the weights and of ``xs`` are one large matmul (or convolution) each over all T*B rows,
-    after the loop. Measured at B32 T128 H128: forward+backward 2.3x -> 1.6-1.7x torch's time.
+    carries only what is recurrent (the hidden map's transpose and the update's derivative);
+    the gradients of the weights and of ``xs`` are one large matmul (or convolution) each over
+    all T*B rows, after the loop (benchmarks/README.md has the figures).
     """
     return _scan_plain(cell, weights, carry, xs, valid, reset, reverse, unroll)
 
 
-def _scan_cell_fwd(cell, weights, carry, xs, valid, reset, reverse, unroll):
+def _scan_parts_fwd(cell, weights, carry, xs, valid, reset, reverse, unroll):
     def advance(weights, carry, x):
-        new_carry, gates, h_full = cell.step_with_gates(weights, carry, x)
-        projected = h_full is not new_carry[0]  # Cell.output returns h itself when it is no map
+        new_carry, pre, h_full = cell.step_with_parts(weights, carry, x)
+        h = cell.kind.split(new_carry)[0]
         # ``carry`` is what entered the step (after any reset): the hidden map's input.
-        return new_carry, new_carry[0], (gates, carry, h_full if projected else None)
+        saved_h_full = h_full if cell.output_map is not None else None
+        return new_carry, h, (pre, carry, saved_h_full)
 
     final, (ys, residuals) = jax.lax.scan(
         _sequence_body(advance, weights), carry, (xs, valid, reset), reverse=reverse, unroll=unroll
@@ -159,35 +218,46 @@ def _scan_cell_fwd(cell, weights, carry, xs, valid, reset, reverse, unroll):
     return (final, ys), (weights, xs, valid, reset, residuals)
 
 
-def _scan_cell_bwd(cell, reverse, unroll, saved, cotangents):
-    weights, xs, valid, reset, (gates, (h_in, c_in), h_full) = saved
+def _combine_transpose(kind, pre):
+    """The transpose of ``kind.combine`` (linear) at the shapes of ``pre``: ``d_pre -> (d_from_
+    input, d_from_hidden)``."""
+    leaf = jax.tree_util.tree_leaves(pre)[0]
+    struct = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    return jax.linear_transpose(kind.combine, struct, struct)
+
+
+def _scan_parts_bwd(cell, reverse, unroll, saved, cotangents):
+    weights, xs, valid, reset, (pre, carry_in, h_full) = saved
+    kind = cell.kind
     d_final, d_ys = cotangents
 
-    def body(d_carry, inputs):
-        d_h, d_c = d_carry  # with respect to the carry after this step
-        d_y, g, h_prev, c_prev, h_step, is_valid, is_reset = inputs
+    def body(d_carry, inputs):  # d_carry: with respect to the carry after this step
+        d_y, pre_t, carry_prev, h_step, is_valid, is_reset = inputs
+        d_h, d_rest = kind.split(d_carry)
         d_out = d_h + d_y  # the step's h went to the next step and to the output
         d_full = d_out
-        if h_step is not None:
-            _, output_vjp = jax.vjp(lambda h: cell.output(weights, h), h_step)
+        if cell.output_map is not None:
+            _, output_vjp = jax.vjp(lambda h: cell.output_map(weights, h), h_step)
             (d_full,) = output_vjp(d_out)
-        _, update_vjp = jax.vjp(lstm_update, g, c_prev)
-        d_gates, d_c_prev = update_vjp((d_full, d_c))
-        _, hidden_vjp = jax.vjp(lambda h: cell.hidden_gates(weights, h), h_prev)
-        (d_h_prev,) = hidden_vjp(d_gates)
+        h_prev, rest_prev = kind.split(carry_prev)
+        _, update_vjp = jax.vjp(kind.update, pre_t, h_prev, rest_prev)
+        d_pre, d_h_prev, d_rest_prev = update_vjp((d_full, d_rest))
+        _, d_from_hidden = _combine_transpose(kind, pre_t)(d_pre)
+        _, hidden_vjp = jax.vjp(lambda h: cell.hidden_map(weights, h), h_prev)
+        d_h_prev = d_h_prev + hidden_vjp(d_from_hidden)[0]
+        d_prev = kind.join(d_h_prev, d_rest_prev)
         if is_valid is not None:  # a step past the row's length left the carry as it was
-            d_gates = _where_rows(is_valid, d_gates, jnp.zeros_like(d_gates))
+            d_pre = _where_rows(is_valid, d_pre, _zeros_like(d_pre))
             d_out = _where_rows(is_valid, d_out, jnp.zeros_like(d_out))
-            d_h_prev, d_c_prev = _where_rows(is_valid, (d_h_prev, d_c_prev), (d_h, d_c))
+            d_prev = _where_rows(is_valid, d_prev, d_carry)
         if is_reset is not None:  # the carry was zeroed before this step
-            zeros = (jnp.zeros_like(d_h_prev), jnp.zeros_like(d_c_prev))
-            d_h_prev, d_c_prev = _where_rows(is_reset, zeros, (d_h_prev, d_c_prev))
-        return (d_h_prev, d_c_prev), (d_gates, d_out if h_step is not None else None)
+            d_prev = _where_rows(is_reset, _zeros_like(d_prev), d_prev)
+        return d_prev, (d_pre, d_out if h_step is not None else None)
 
-    d_carry, (d_gates, d_outs) = jax.lax.scan(
+    d_carry, (d_pre, d_outs) = jax.lax.scan(
         body,
-        tuple(d_final),
-        (d_ys, gates, h_in, c_in, h_full, valid, reset),
+        d_final,
+        (d_ys, pre, carry_in, h_full, valid, reset),
         reverse=not reverse,
         unroll=unroll,
     )
@@ -195,75 +265,77 @@ def _scan_cell_bwd(cell, reverse, unroll, saved, cotangents):
     def over_time(a):  # (T, B, ...) -> (T*B, ...): every step as one batch
         return a.reshape((-1,) + a.shape[2:])
 
-    _, input_vjp = jax.vjp(cell.input_gates, weights, over_time(xs))
-    d_weights, d_xs = input_vjp(over_time(d_gates))
-    _, hidden_vjp = jax.vjp(lambda w: cell.hidden_gates(w, over_time(h_in)), weights)
-    parts = [d_weights, hidden_vjp(over_time(d_gates))[0]]
+    d_pre = jax.tree_util.tree_map(over_time, d_pre)
+    d_from_input, d_from_hidden = _combine_transpose(kind, d_pre)(d_pre)
+    _, input_vjp = jax.vjp(cell.input_map, weights, over_time(xs))
+    d_weights, d_xs = input_vjp(d_from_input)
+    h_in = over_time(kind.split(carry_in)[0])
+    _, hidden_vjp = jax.vjp(lambda w: cell.hidden_map(w, h_in), weights)
+    parts = [d_weights, hidden_vjp(d_from_hidden)[0]]
     if h_full is not None:
-        _, output_vjp = jax.vjp(lambda w: cell.output(w, over_time(h_full)), weights)
+        _, output_vjp = jax.vjp(lambda w: cell.output_map(w, over_time(h_full)), weights)
         parts.append(output_vjp(over_time(d_outs))[0])
     d_weights = jax.tree_util.tree_map(lambda *a: sum(a[1:], a[0]), *parts)
     return d_weights, d_carry, d_xs.reshape(xs.shape), None, None
 
 
-_scan_cell.defvjp(_scan_cell_fwd, _scan_cell_bwd)
+_scan_parts.defvjp(_scan_parts_fwd, _scan_parts_bwd)
+
+
+def _layer(carry: Any, k: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[k], carry)
 
 
 def run_stack(
-    step: Step,
+    cell: Union[CellParts, Step],
     layer_weights: Sequence[Sequence[Any]],
-    carry: tuple[Array, Array],
+    carry: Any,
     xs: Array,
-    *,
-    lengths: Optional[Array] = None,
-    reset: Optional[Array] = None,
-    keep_masks: Optional[Sequence[Array]] = None,
-    dropout: float = 0.0,
-    unroll: int = 1,
-) -> tuple[Array, tuple[Array, Array]]:
+    masks: SequenceMasks = SequenceMasks(),
+    options: RunOptions = RunOptions(),
+) -> tuple[Array, Any]:
     """Runs a stack of layers, each with one or two directions, torch.nn.LSTM's way.
 
     Arguments:
-        step: the cell function.
+        cell: the cell (see ``scan_direction``).
         layer_weights: ``[layer][direction]`` weights; direction 0 forward, 1 reverse.
-        carry: ``(h, c)`` stacked ``(layers * directions, B, ...)``, index ``layer * D + d``.
+        carry: a pytree of arrays stacked ``(layers * directions, B, ...)``, index
+            ``layer * D + d`` (``LSTMState(h, c)``, or ``h``).
         xs: ``(T, B, ...)``.
-        lengths, reset, unroll: as in ``scan_direction``.
-        keep_masks: inter-layer dropout: one keep mask per gap between layers, each shaped
-            like that layer's output ``(T, B, ...)``; applied as torch's F.dropout,
-            ``y * (keep / (1 - dropout))``. None: no dropout.
-        dropout: the rate the masks were drawn with.
+        masks: ``SequenceMasks``: lengths and reset as in ``scan_direction``, dropout keep
+            masks between layers.
+        options: ``RunOptions``.
 
     Returns:
-        ``(ys, (h_n, c_n))``: the last layer's outputs with directions concatenated on the
+        ``(ys, final_carry)``: the last layer's outputs with directions concatenated on the
         feature axis (forward first), and the final carry in the layout of ``carry``.
+
+    Example:
+        >>> from jax_impl.functional import DenseWeights, dense_parts
+        >>> w = DenseWeights(jnp.ones((3, 12)), jnp.ones((4, 12)))
+        >>> ys, h = run_stack(dense_parts("gru"), [[w]], jnp.zeros((1, 2, 4)), jnp.ones((5, 2, 3)))
+        >>> ys.shape, h.shape
+        ((5, 2, 4), (1, 2, 4))
     """
-    h0, c0 = carry
+    lengths, reset, keep = masks
     num_directions = len(layer_weights[0])
-    final_h, final_c = [], []
+    finals = []
     for layer, directions in enumerate(layer_weights):
         outputs = []
         for d, weights in enumerate(directions):
-            k = layer * num_directions + d
-            (h, c), ys = scan_direction(
-                step,
-                weights,
-                (h0[k], c0[k]),
-                xs,
-                lengths=lengths,
-                reset=reset,
-                reverse=d == 1,
-                unroll=unroll,
+            final, ys = scan_direction(
+                cell, weights, _layer(carry, layer * num_directions + d), xs,
+                lengths=lengths, reset=reset, reverse=d == 1, options=options,
             )
-            final_h.append(h)
-            final_c.append(c)
+            finals.append(final)
             outputs.append(ys)
         xs = outputs[0] if num_directions == 1 else jnp.concatenate(outputs, axis=-1)
-        if keep_masks is not None and layer + 1 < len(layer_weights):
-            xs = xs * (keep_masks[layer].astype(xs.dtype) / jnp.asarray(1.0 - dropout, xs.dtype))
-    return xs, (jnp.stack(final_h), jnp.stack(final_c))
+        if keep is not None and layer + 1 < len(layer_weights):
+            scale = jnp.asarray(1.0 - options.dropout, xs.dtype)
+            xs = xs * (keep[layer].astype(xs.dtype) / scale)
+    return xs, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *finals)
 
 
-# Compiled once per step function, options and shapes: an eager ``apply`` would otherwise
-# retrace and recompile every scan on every call. Under an outer jit it is simply inlined.
-run_stack_jit = jax.jit(run_stack, static_argnums=0, static_argnames=("dropout", "unroll"))
+# Compiled once per cell, options and shapes: an eager ``apply`` would otherwise retrace and
+# recompile every scan on every call. Under an outer jit it is simply inlined.
+run_stack_jit = jax.jit(run_stack, static_argnums=(0, 5))

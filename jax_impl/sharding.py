@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .scan import Step, run_stack
+from .cells import CellParts
+from .scan import RunOptions, SequenceMasks, Step, run_stack
 
 Array = jax.Array
 BatchAxis = Union[str, tuple[str, ...]]
@@ -174,68 +175,57 @@ def replicate(tree: Any, mesh: MeshLike) -> Any:
 
 
 def run_stack_sharded(
-    step: Step,
+    cell: Union[CellParts, Step],
     layer_weights: Sequence[Sequence[Any]],
-    carry: tuple[Array, Array],
+    carry: Any,
     xs: Array,
+    masks: SequenceMasks = SequenceMasks(),
+    options: RunOptions = RunOptions(),
     *,
     mesh: Mesh,
     batch_axis: BatchAxis = "batch",
-    lengths: Optional[Array] = None,
-    reset: Optional[Array] = None,
-    keep_masks: Optional[Sequence[Array]] = None,
-    dropout: float = 0.0,
-    unroll: int = 1,
-) -> tuple[Array, tuple[Array, Array]]:
+) -> tuple[Array, Any]:
     """``scan.run_stack`` with the batch split over ``mesh``: each device runs its own rows.
 
     Arguments:
-        step, layer_weights, carry, xs, lengths, reset, unroll: as for ``run_stack``
-            (time-major: ``xs`` ``(T, B, ...)``, carry ``(L*D, B, ...)``, reset ``(T, B)``);
-            the weights are replicated, everything else is split along B.
+        cell, layer_weights, carry, xs, masks, options: as for ``run_stack`` (time-major:
+            ``xs`` ``(T, B, ...)``, carry leaves ``(L*D, B, ...)``, reset ``(T, B)``); the
+            weights are replicated, everything else is split along B. Dropout keep masks are
+            drawn for the full batch outside, so the run equals the one-device run with the
+            same rng.
         mesh, batch_axis: the mesh and its axis that splits B (B divisible by its size; the
             caller checks, so the message names the user's shapes).
-        keep_masks: inter-layer dropout keep masks for the full batch, each ``(T, B, ...)``
-            like the layer's output, drawn outside (so the run equals the one-device run with
-            the same rng); applied as ``y * (keep / (1 - dropout))``. None: no dropout.
 
     Returns:
-        ``(ys, (h_n, c_n))`` as ``run_stack`` returns them, split along B.
-
-    Example:
-        >>> ys, (h, c) = run_stack_sharded(lstm_step, weights, carry, xs, mesh=mesh)
+        ``(ys, final_carry)`` as ``run_stack`` returns them, split along B.
     """
     batch_axis = batch_axis if isinstance(batch_axis, str) else tuple(batch_axis)  # hashable
-    keep_masks = None if keep_masks is None else list(keep_masks)
+    masks = masks._replace(keep=None if masks.keep is None else list(masks.keep))
     return _sharded_jit(
-        step, layer_weights, tuple(carry), xs, lengths, reset, keep_masks, mesh=mesh,
-        batch_axis=batch_axis, dropout=dropout, unroll=unroll,
+        cell, layer_weights, carry, xs, masks, options, mesh=mesh, batch_axis=batch_axis
     )
 
 
-def _sharded(step, layer_weights, carry, xs, lengths, reset, keep_masks, *, mesh, batch_axis,
-             dropout, unroll):
+def _sharded(cell, layer_weights, carry, xs, masks, options, *, mesh, batch_axis):
     """``run_stack`` under ``shard_map``: the body of ``run_stack_sharded``."""
     batched = batch_spec(2, 1, batch_axis)  # P(None, axis): dimension 1 is B for all of them
 
-    def local(layer_weights, carry, xs, lengths, reset, keep_masks):
+    def local(layer_weights, carry, xs, masks):
         # Mark the replicated weights as per-device once, before the loop: left to the loop,
         # every step would convert them, and the backward pass would all-reduce the weight
         # gradients at every step instead of once after it.
         layer_weights = _per_device(layer_weights, batch_axis)
-        return run_stack(
-            step, layer_weights, carry, xs, lengths=lengths, reset=reset,
-            keep_masks=keep_masks, dropout=dropout, unroll=unroll,
-        )
+        return run_stack(cell, layer_weights, carry, xs, masks, options)
 
     # A spec is a tree prefix: one PartitionSpec covers a whole (possibly empty) subtree.
+    mask_specs = SequenceMasks(PartitionSpec(batch_axis), batched, batched)
     sharded = _shard_map(
         local,
         mesh=mesh,
-        in_specs=(PartitionSpec(), batched, batched, PartitionSpec(batch_axis), batched, batched),
+        in_specs=(PartitionSpec(), batched, batched, mask_specs),
         out_specs=(batched, batched),
     )
-    return sharded(layer_weights, carry, xs, lengths, reset, keep_masks)
+    return sharded(layer_weights, carry, xs, masks)
 
 
 def _per_device(tree: Any, batch_axis: BatchAxis) -> Any:
@@ -251,9 +241,7 @@ def _per_device(tree: Any, batch_axis: BatchAxis) -> Any:
 # Compiled once per step function, mesh, options and shapes, like ``scan.run_stack_jit``: an
 # eager ``apply(..., mesh=)`` would otherwise trace and compile the split program every call.
 # Under an outer jit it is simply inlined.
-_sharded_jit = jax.jit(
-    _sharded, static_argnums=0, static_argnames=("mesh", "batch_axis", "dropout", "unroll")
-)
+_sharded_jit = jax.jit(_sharded, static_argnums=(0, 5), static_argnames=("mesh", "batch_axis"))
 
 
 # ------------------------------------------------------------------------------ a module view

@@ -1,4 +1,4 @@
-"""``Stateful``: a stream that carries ``(h, c)`` from chunk to chunk under one jitted step.
+"""``Stateful``: a stream that carries its carry from chunk to chunk under one jitted step.
 
 Chunks of any length reuse a handful of compilations: the time axis is padded up to a bucket
 length (1, 2, 3, 4, 6, 8, 12, 16, ...) and the padding masked out with ``seq_lengths``, so the
@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from .cells import Carry
-from .modules import _Layout, check_carry, check_reset, check_seq_lengths
+from .checks import SequenceLayout, check_carry, check_reset, check_seq_lengths, check_x64
 from .sharding import (
     BatchAxis,
     MeshLike,
@@ -43,14 +42,14 @@ def bucket_length(num_steps: int) -> int:
 def stream_step(
     module: nn.Module,
     variables: Any,
-    carry: Carry,
+    carry: Any,
     x: Array,
     seq_lengths: Optional[Array] = None,
     reset: Optional[Array] = None,
     *,
     mesh: Optional[MeshLike] = None,
     batch_axis: BatchAxis = "batch",
-) -> tuple[Array, Carry]:
+) -> tuple[Array, Any]:
     """The pure step of a stream: ``module.apply`` from a carry cut from the graph.
 
     ``stop_gradient`` on the incoming carry is truncated BPTT's boundary: gradients flow
@@ -67,12 +66,13 @@ def stream_step(
 
 
 class Stateful:
-    """Streams a sequence through ``module`` chunk by chunk, carrying ``(h, c)`` along.
+    """Streams a sequence through ``module`` chunk by chunk, carrying its carry along.
 
     Arguments:
-        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM``.
+        module: a ``jax_impl`` sequence module: ``LSTM``, ``GRU``, ``RNN`` or ``ConvLSTM``.
         variables: its variables (``{'params': ...}``).
-        carry: the initial ``(h, c)``; None starts from zeros at the first chunk.
+        carry: the initial carry (``LSTMState(h, c)``, or ``h`` for a GRU / RNN); None starts
+            from zeros at the first chunk.
         mesh: a ``jax.sharding.Mesh`` (or ``NamedSharding``) to stream data-parallel: the
             variables are replicated on it, every chunk (and its seq_lengths and reset) is
             split along the batch over the ``batch_axis`` devices, and the carry stays split
@@ -84,7 +84,8 @@ class Stateful:
         batch_axis: the mesh axis name (or tuple of names) that splits the batch.
 
     The step is ``jax.jit(stream_step)`` with the carry donated: its buffers are reused in
-    place. ``carry`` hands out copies, so a carry you read stays valid.
+    place. ``carry`` hands out copies, so a carry you read stays valid. ``compilations``
+    counts the programs the step has compiled.
 
     Example:
         >>> lstm = LSTM(hidden_size=64)
@@ -94,69 +95,80 @@ class Stateful:
         >>> y2 = stream(jnp.ones((8, 5, 32)))         # continues; no new compile per length
         >>> stream.reset(jnp.array([True] + [False] * 7))   # row 0 starts a new sequence
         >>> h, c = stream.carry
-        >>> sharded = Stateful(lstm, variables, mesh=Mesh(np.array(jax.devices()), ("batch",)))
+        >>> stream.compilations
+        1
     """
 
     def __init__(
         self,
         module: nn.Module,
         variables: Any,
-        carry: Optional[Carry] = None,
+        carry: Any = None,
         *,
         mesh: Optional[MeshLike] = None,
         batch_axis: BatchAxis = "batch",
     ):
         if isinstance(module, ShardedModule) and mesh is None:
             module, mesh, batch_axis = module.module, module.mesh, module.batch_axis
-        if not hasattr(module, "time_major") or not hasattr(module, "initialize_carry"):
+        if not all(hasattr(module, a) for a in ("time_major", "carry_shapes", "feature_rank")):
             raise TypeError(
-                f"Stateful needs a jax_impl.LSTM or ConvLSTM, got {type(module).__name__}"
+                f"Stateful needs a jax_impl LSTM, GRU, RNN or ConvLSTM, got "
+                f"{type(module).__name__}"
             )
+        check_x64(variables, "Stateful's variables")
         self.module = module
         self.variables = variables
-        self._feature_rank = 3 if hasattr(module, "hidden_channels") else 1
-        self._carry: Optional[Carry] = None
+        self._feature_rank = module.feature_rank
+        self._carry: Any = None
+        self._traces = 0
         self.mesh = None if mesh is None else resolve_mesh(mesh, batch_axis)
         self.batch_axis = batch_axis
         self._lengths: dict[tuple[int, int], Array] = {}  # see _full_lengths
         self._padded: set[int] = set()  # time lengths run so far (compiled programs)
         self._requests: dict[int, int] = {}  # bucket -> chunks that asked for it
-        if self.mesh is None:
-            self.step = jax.jit(functools.partial(stream_step, module), donate_argnums=(1,))
-        else:
+        step = functools.partial(stream_step, module)
+        if self.mesh is not None:
             self.variables = replicate(variables, self.mesh)
-            self.step = jax.jit(
-                functools.partial(stream_step, module, mesh=self.mesh, batch_axis=batch_axis),
-                donate_argnums=(1,),
-            )
+            step = functools.partial(step, mesh=self.mesh, batch_axis=batch_axis)
+
+        def counted(*args):
+            self._traces += 1  # runs once per trace, and jit compiles each trace once
+            return step(*args)
+
+        self.step = jax.jit(counted, donate_argnums=(1,))
         if carry is not None:
             self.carry = carry
 
     # -- state ------------------------------------------------------------------------
 
     @property
-    def carry(self) -> Optional[Carry]:
-        """A copy of the carried ``(h, c)`` (None before the first chunk or after ``reset()``)."""
+    def carry(self) -> Any:
+        """A copy of the carried state (None before the first chunk or after ``reset()``)."""
         if self._carry is None:
             return None
-        return tuple(jnp.copy(a) for a in self._carry)
+        return jax.tree_util.tree_map(jnp.copy, self._carry)
 
     @carry.setter
-    def carry(self, carry: Optional[Carry]) -> None:
+    def carry(self, carry: Any) -> None:
         if carry is None:
             self._carry = None
             return
-        if not isinstance(carry, (tuple, list)) or len(carry) != 2:
-            raise TypeError(f"carry must be a pair (h, c) or None, got {type(carry).__name__}")
-        h, c = (jnp.asarray(a) for a in carry)
-        check_carry((h, c), self.module.carry_shapes(h.shape[1:-1]), "the module's carry layout")
+        check_x64(carry, "the carry")
+        leaves = jax.tree_util.tree_leaves(carry)
+        if not leaves or not all(hasattr(a, "shape") for a in leaves):
+            raise TypeError(f"carry must be arrays in the module's layout or None, got {carry!r}")
+        batch_shape = tuple(leaves[0].shape[1:-1])  # (L*D, *batch_shape, features)
+        carry = check_carry(carry, self.module.carry_shapes(batch_shape),
+                            "the module's carry layout")
         # copies: the step donates the carry, which must not delete the caller's arrays
-        self._carry = self._place_carry((jnp.array(h, copy=True), jnp.array(c, copy=True)))
+        self._carry = self._place_carry(
+            jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), carry)
+        )
 
     @property
     def compilations(self) -> int:
         """How many programs the step has compiled (one per bucket and variant)."""
-        return self.step._cache_size()
+        return self._traces
 
     def reset(self, mask=None) -> None:
         """Zeros the carry: all of it (``mask=None``), or the rows where a bool ``(B,)`` mask is true."""
@@ -167,30 +179,31 @@ class Stateful:
             return
         if not self._batched_carry():
             raise ValueError("reset(mask) needs a batched stream; this stream is unbatched")
-        h, c = self._carry
-        mask = _check_mask(mask, h.shape[1])
+        mask = _check_mask(mask, self._carry_leaf().shape[1])
         # where, not multiply: a NaN in a reset row must not survive the reset
-        self._carry = tuple(
-            jnp.where(mask.reshape((1, -1) + (1,) * (a.ndim - 2)), jnp.zeros_like(a), a)
-            for a in (h, c)
+        self._carry = jax.tree_util.tree_map(
+            lambda a: jnp.where(mask.reshape((1, -1) + (1,) * (a.ndim - 2)), jnp.zeros_like(a), a),
+            self._carry,
         )
 
+    def _carry_leaf(self) -> Array:
+        return jax.tree_util.tree_leaves(self._carry)[0]
+
     def _batched_carry(self) -> bool:
-        h = self._carry[0]
-        return h.ndim == 2 + self._feature_rank
+        return self._carry_leaf().ndim == 2 + self._feature_rank
 
     # -- the mesh ---------------------------------------------------------------------
 
-    def _place_carry(self, carry: Carry) -> Carry:
+    def _place_carry(self, carry: Any) -> Any:
         """The carry split along its batch dimension (1) over the mesh; unchanged without one."""
         if self.mesh is None:
             return carry
-        h = carry[0]
+        h = jax.tree_util.tree_leaves(carry)[0]
         check_batch(h.shape[1] if h.ndim == 2 + self._feature_rank else None, self.mesh,
                     self.batch_axis)
-        return tuple(
-            jax.device_put(a, batch_sharding(self.mesh, a.ndim, 1, self.batch_axis))
-            for a in carry
+        return jax.tree_util.tree_map(
+            lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim, 1, self.batch_axis)),
+            carry,
         )
 
     def _place_batch(self, value, batch_dim: int):
@@ -250,9 +263,9 @@ class Stateful:
                 f"chunk has rank {x.ndim} (shape {tuple(x.shape)}), expected "
                 f"{1 + self._feature_rank} (unbatched) or {2 + self._feature_rank} (batched)"
             )
-        layout = _Layout(x, self.module.time_major, self._feature_rank)
+        layout = SequenceLayout(x, self.module.time_major, self._feature_rank)
         batched, batch, num_steps = layout.batched, layout.batch, layout.num_steps
-        time_axis = 0 if (not batched or self.module.time_major) else 1
+        time_axis = layout.time_axis
         if num_steps < 1:
             raise ValueError(f"chunk has {num_steps} time steps, expected at least 1")
 
@@ -261,12 +274,13 @@ class Stateful:
                 check_batch(batch, self.mesh, self.batch_axis)  # before a placement fails on it
             spatial = tuple(x.shape[-1 - self._feature_rank + 1 : -1])
             batch_shape = ((batch,) if batched else ()) + spatial
-            dtype = jax.eval_shape(self.module.apply, self.variables, x)[1][0].dtype
+            out = jax.eval_shape(self.module.apply, self.variables, x)
+            dtype = jax.tree_util.tree_leaves(out[1])[0].dtype
             self._carry = self._place_carry(self.module.initialize_carry(batch_shape, dtype))
         elif self._batched_carry() != batched or (
-            batched and self._carry[0].shape[1] != batch
+            batched and self._carry_leaf().shape[1] != batch
         ):
-            carried = self._carry[0].shape[1] if self._batched_carry() else "none (unbatched)"
+            carried = self._carry_leaf().shape[1] if self._batched_carry() else "none (unbatched)"
             raise ValueError(
                 f"input batch {batch if batched else 'none (unbatched)'} differs from the carried "
                 f"state's batch {carried}; call reset() first"

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .modules import LSTM, ConvLSTM
+from .linen import _Recurrent
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -83,12 +83,12 @@ def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None, **kwar
     """``module.apply(variables, x, carry)`` with each cell step under ``jax.checkpoint``.
 
     The backward pass then keeps only each step's carry (h, c) and recomputes the gates, instead
-    of storing every gate activation for every step: activation memory drops ~3x for long
-    chunks, at the price of a second forward pass through the cells. Same values as
-    ``module.apply``: it is ``module.clone(remat=True).apply``.
+    of storing every gate activation for every step: less activation memory for long chunks,
+    at the price of a second forward pass through the cells. Same values as ``module.apply``:
+    it is ``module.clone(backward="remat").apply``.
 
     Arguments:
-        module: a ``jax_impl.LSTM`` or ``jax_impl.ConvLSTM``.
+        module: a ``jax_impl`` Linen sequence module (``LSTM``, ``GRU``, ``RNN``, ``ConvLSTM``).
         variables, x, carry, kwargs: as for ``module.apply``.
 
     Returns:
@@ -99,11 +99,11 @@ def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None, **kwar
         >>> variables = lstm.init(jax.random.key(0), jnp.ones((2, 512, 4)))
         >>> y, carry = remat_apply(lstm, variables, jnp.ones((2, 512, 4)))
     """
-    if not isinstance(module, (LSTM, ConvLSTM)):
+    if not isinstance(module, _Recurrent):
         raise TypeError(
-            f"remat needs a jax_impl.LSTM or jax_impl.ConvLSTM, got {type(module).__name__}"
+            f"remat needs a jax_impl LSTM, GRU, RNN or ConvLSTM, got {type(module).__name__}"
         )
-    return module.clone(remat=True).apply(variables, x, carry, **kwargs)
+    return module.clone(backward="remat").apply(variables, x, carry, **kwargs)
 
 
 # ----------------------------------------------------------------------------------- TBPTT
@@ -121,11 +121,11 @@ def make_tbptt_step(
 
     Arguments:
         module: a Flax module with ``apply(variables, x, carry) -> (y, carry)``: a
-            ``jax_impl.LSTM``/``ConvLSTM`` or your own model around one.
+            ``jax_impl`` LSTM, GRU, RNN, ConvLSTM, or your own model around one.
         optimizer: an optax GradientTransformation (``optax.chain(clip, adam)``, ...).
         loss_fn: ``loss_fn(y_pred, y_target) -> scalar``; default mean squared error.
         remat: recompute the cell steps in the backward pass (``remat_apply``): less memory for
-            long chunks; jax_impl.LSTM / ConvLSTM only.
+            long chunks; jax_impl sequence modules only.
         jit: return the jitted step (default) or the plain function (to compose further).
 
     Returns:
@@ -141,7 +141,8 @@ def make_tbptt_step(
         >>> tx = optax.adam(1e-3)
         >>> step = make_tbptt_step(lstm, tx)
         >>> opt_state, carry = tx.init(variables["params"]), lstm.initialize_carry((4,))
-        >>> for x, y in chunks:                                     # x (4, 32, 3), y (4, 32, 16)
+        >>> chunks = [(jnp.ones((4, 32, 3)), jnp.zeros((4, 32, 16)))] * 2
+        >>> for x, y in chunks:
         ...     variables, opt_state, carry, loss = step(variables, opt_state, carry, x, y)
     """
     if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
@@ -151,12 +152,12 @@ def make_tbptt_step(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if remat:
-        if not isinstance(module, (LSTM, ConvLSTM)):
+        if not isinstance(module, _Recurrent):
             raise TypeError(
-                f"remat=True needs a jax_impl.LSTM or ConvLSTM (inside your own model, build "
-                f"them with remat=True), got {type(module).__name__}"
+                f"remat=True needs a jax_impl LSTM, GRU, RNN or ConvLSTM (inside your own "
+                f'model, build them with backward="remat"), got {type(module).__name__}'
             )
-        module = module.clone(remat=True)
+        module = module.clone(backward="remat")
 
     def step(variables, opt_state, carry, x, y, rng: Optional[Array] = None):
         carry = jax.lax.stop_gradient(carry)  # truncated BPTT: the chunk boundary cuts the graph

@@ -90,7 +90,7 @@ def _run(case: Case, dtype: torch.dtype, seed: int, atol: float | None = None, m
 
 def _sharded_port(module: torch.nn.Module, dtype: torch.dtype, mesh) -> dict:
     """``compare``'s ``jax_module``/``variables``: ``to_jax`` of the module in ``dtype``, its
-    apply split along the batch over ``mesh`` (``jax_impl.with_mesh``)."""
+    apply split along the batch over ``mesh`` (``jax_impl.sharding.with_mesh``)."""
     import jax
 
     import jax_impl
@@ -99,7 +99,7 @@ def _sharded_port(module: torch.nn.Module, dtype: torch.dtype, mesh) -> dict:
 
     with jax.enable_x64(dtype == torch.float64):  # float64 weights need x64 to stay float64
         jax_module, variables = to_jax(copy.deepcopy(module).to(dtype))
-    return {"jax_module": jax_impl.with_mesh(jax_module, mesh), "variables": variables}
+    return {"jax_module": jax_impl.sharding.with_mesh(jax_module, mesh), "variables": variables}
 
 
 def _unshardable(case: Case, devices: int) -> str | None:

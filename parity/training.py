@@ -2,7 +2,7 @@
 
 Both sides start from the same weights, see the same chunks, carry the state from chunk to
 chunk with the graph cut at each boundary (torch: ``StatefulWrapper`` with ``detach=True``;
-JAX: ``jax_impl.stream_step``'s ``stop_gradient``), and update with matching optimizers
+JAX: ``jax_impl.functional.stream_step``'s ``stop_gradient``), and update with matching optimizers
 (``make_optimizers``). The report checks the loss and every parameter (torch names) after
 every step, in ``compare``'s ``Report``/``Check`` format.
 
@@ -182,7 +182,7 @@ def _resolve_loss(loss) -> tuple[Callable, Callable]:
 
 def _chunk_objective(module, loss_fn, params, carry, x, y):
     """The loss of one chunk from a carry cut from the graph (``stream_step``)."""
-    out, carry = jax_impl.stream_step(module, {"params": params}, carry, x)
+    out, carry = jax_impl.functional.stream_step(module, {"params": params}, carry, x)
     return loss_fn(out, y), carry
 
 

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 import jax_impl
 import torch_impl
-from jax_impl.cells import LSTMWeights, lstm_step
+from jax_impl.functional import DenseWeights, lstm_step
 from parity import compare, to_jax
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
@@ -112,7 +112,7 @@ class _MergedBiasLSTM(nn.Module):
     @nn.compact
     def __call__(self, x, carry=None, *, seq_lengths=None):
         p = self.variables["params"]["layer_0"]
-        weights = LSTMWeights(p["ih_kernel"], p["hh_kernel"], p["bias"], jnp.zeros_like(p["bias"]))
+        weights = DenseWeights(p["ih_kernel"], p["hh_kernel"], p["bias"], jnp.zeros_like(p["bias"]))
         h, c = (a[0] for a in carry)
         (h, c), ys = jax.lax.scan(lambda carry, xt: lstm_step(weights, carry, xt), (h, c),
                                   jnp.swapaxes(x, 0, 1))

@@ -1,7 +1,7 @@
-"""The batched backward pass (``scan._scan_cell``'s custom VJP) against JAX's own autodiff.
+"""The batched backward pass (``scan._scan_parts``'s custom VJP) against JAX's own autodiff.
 
 Every gradient — parameters, input, initial carry — of the default modules equals the one of
-the same module with ``batched_backward=False`` to float64 rounding, over the options that
+the same module with ``backward="autodiff"`` to float64 rounding, over the options that
 change the backward loop: packed lengths (a 0 and a full row), resets, the reverse direction,
 projection, no bias, two layers with dropout, a cotangent on the final carry, ConvLSTM with an
 even dilated kernel. Forward values are the same ops (equal to rounding: XLA may fuse the
@@ -87,7 +87,7 @@ def test_lstm_gradients_equal_autodiff(name, x64):
     rng = np.random.default_rng(sorted(LSTM_CASES).index(name))
     module = LSTM(hidden_size=5, **module_options)
     variables, x, carry, options = _case(module, (4, 7, 3), rng, **case_options)
-    autodiff = dataclasses.replace(module, batched_backward=False)
+    autodiff = dataclasses.replace(module, backward="autodiff")
     _assert_same_gradients(
         _grads(module, variables, x, carry, **options),
         _grads(autodiff, variables, x, carry, **options),
@@ -99,7 +99,7 @@ def test_convlstm_gradients_equal_autodiff(reverse_options, x64):
     rng = np.random.default_rng(7)
     module = ConvLSTM(hidden_channels=3, kernel_size=(2, 3), dilation=(1, 2), num_layers=2)
     variables, x, carry, options = _case(module, (3, 4, 5, 6, 2), rng, **reverse_options)
-    autodiff = dataclasses.replace(module, batched_backward=False)
+    autodiff = dataclasses.replace(module, backward="autodiff")
     _assert_same_gradients(
         _grads(module, variables, x, carry, **options),
         _grads(autodiff, variables, x, carry, **options),
@@ -111,15 +111,15 @@ def test_a_wrong_backward_is_caught(x64, monkeypatch):
     rng = np.random.default_rng(3)
     module = LSTM(hidden_size=5)
     variables, x, carry, options = _case(module, (4, 7, 3), rng, reset=True)
-    autodiff = _grads(dataclasses.replace(module, batched_backward=False),
+    autodiff = _grads(dataclasses.replace(module, backward="autodiff"),
                       variables, x, carry, **options)
-    original = scan._scan_cell_bwd
+    original = scan._scan_parts_bwd
 
     def without_reset(cell, reverse, unroll, saved, cotangents):
         weights, xs, valid, _, residuals = saved
         return original(cell, reverse, unroll, (weights, xs, valid, None, residuals), cotangents)
 
-    monkeypatch.setattr(scan._scan_cell, "bwd", without_reset)
+    monkeypatch.setattr(scan._scan_parts, "bwd", without_reset)
     wrong = _grads(module, variables, x, carry, **options)
     with pytest.raises(AssertionError, match="relative"):
         _assert_same_gradients(wrong, autodiff)
@@ -135,7 +135,7 @@ def test_forward_mode_needs_the_autodiff_path():
     def output(module):
         return lambda x: module.apply(variables, x)[0]
 
-    _, tangent = jax.jvp(output(dataclasses.replace(module, batched_backward=False)),
+    _, tangent = jax.jvp(output(dataclasses.replace(module, backward="autodiff")),
                          (x,), (jnp.ones_like(x),))
     assert tangent.shape == x.shape[:2] + (3,) and bool(jnp.all(jnp.isfinite(tangent)))
     with pytest.raises(TypeError, match="custom_vjp"):
@@ -153,22 +153,22 @@ def test_forward_mode_needs_the_autodiff_path():
 )
 def test_conv_gradients_equal_xla(kernel_size, dilation, channels, features, batch, x64,
                                   monkeypatch):
-    """The ConvLSTM convolution's own VJP (cells._conv_same) against XLA's, float64, with the
+    """The ConvLSTM convolution's own VJP (conv._conv_same) against XLA's, float64, with the
     im2col chunk budget set so small that the kernel gradient runs in several chunks."""
-    from jax_impl import cells
+    from jax_impl import conv
 
     monkeypatch.setattr(cells, "_IM2COL_CHUNK_BYTES", 1)  # one image per chunk
     rng = np.random.default_rng(sum(kernel_size) + channels)
     x = jnp.asarray(rng.normal(size=(batch, 6, 7, channels)))
     kernel = jnp.asarray(rng.normal(size=kernel_size + (channels, features)))
     g = jnp.asarray(rng.normal(size=(batch, 6, 7, features)))
-    padding = tuple(cells.same_padding(kernel_size, dilation))
+    padding = tuple(conv.same_padding(kernel_size, dilation))
 
     def ours(x, kernel):
-        return cells._conv_same(x, kernel, dilation, padding, None)
+        return conv._conv_same(x, kernel, dilation, padding, None)
 
     def xla(x, kernel):
-        return cells._lax_conv(x, kernel, dilation, padding, None)
+        return conv._lax_conv(x, kernel, dilation, padding, None)
 
     ours_out, ours_vjp = jax.vjp(ours, x, kernel)
     xla_out, xla_vjp = jax.vjp(xla, x, kernel)

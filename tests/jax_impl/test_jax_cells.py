@@ -17,16 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import (
-    ConvLSTM,
-    ConvLSTMCell,
-    ConvLSTMWeights,
-    LSTM,
-    LSTMCell,
-    LSTMWeights,
-    convlstm_step,
-    lstm_step,
-)
+from jax_impl import ConvLSTM, ConvLSTMCell, LSTM, LSTMCell
+from jax_impl.functional import ConvWeights, DenseWeights, convlstm_step, lstm_step
 from jax_np_reference import np_conv_same, np_convlstm_cell, np_lstm_cell, torch_same_pads
 from jax_test_helpers import init_variables, japply, shapes_of
 
@@ -55,7 +47,7 @@ def test_lstm_step_matches_numpy_float64(x64, rng, use_bias, proj_size, batch_sh
     x = rng.normal(size=batch_shape + (features,))
     h = rng.normal(size=batch_shape + (h_out,))
     c = rng.normal(size=batch_shape + (hidden,))
-    weights = LSTMWeights(**{k: None if v is None else jnp.asarray(v) for k, v in p.items()})
+    weights = DenseWeights(**{k: None if v is None else jnp.asarray(v) for k, v in p.items()})
 
     (h1, c1), y = jax.jit(lstm_step)(weights, (h, c), x)
 
@@ -75,7 +67,7 @@ def test_lstm_step_gate_order_is_i_f_g_o(x64):
     big = 50.0  # σ(big) == 1 in float64 to ~1e-22
 
     def run(gates):
-        weights = LSTMWeights(
+        weights = DenseWeights(
             ih_kernel=jnp.zeros((1, 4)),
             hh_kernel=jnp.zeros((1, 4)),
             ih_bias=jnp.asarray(gates),
@@ -135,7 +127,7 @@ def test_convlstm_step_matches_numpy_float64(x64, rng, kernel_size, dilation, us
     x = rng.normal(size=(batch, height, width, cin))
     h = rng.normal(size=(batch, height, width, hidden))
     c = rng.normal(size=(batch, height, width, hidden))
-    weights = ConvLSTMWeights(**{k: None if v is None else jnp.asarray(v) for k, v in p.items()})
+    weights = ConvWeights(**{k: None if v is None else jnp.asarray(v) for k, v in p.items()})
 
     step = jax.jit(convlstm_step, static_argnames="dilation")
     (h1, c1), y = step(weights, (h, c), x, dilation=dilation)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import LSTM, ConvLSTM, Stateful, bucket_length
+from jax_impl import LSTM, ConvLSTM, Stateful
+from jax_impl.functional import bucket_length
 from jax_test_helpers import init_variables, japply
 
 F32_ATOL = 1e-6
