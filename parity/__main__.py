@@ -1,22 +1,29 @@
 """``python -m parity``: the validation run over a grid of configurations.
 
-Prints a table (configuration, chunking, max abs error per tensor, bound, pass/fail) and exits 1
-on any mismatch. ``--quick`` finishes in under a minute on 2 cores. ``--devices N`` validates the
-JAX side split along the batch over a mesh of N devices (forced CPU devices where fewer exist).
+Prints a table (configuration, chunking, max abs error per tensor, bound, pass/fail). Exit
+status: 0 every comparison matches, 1 a mismatch, 2 a usage error (including an ``--only`` that
+selects nothing, so a typo cannot pass green). ``--json PATH`` writes a strict JSON report
+(``schema_version`` 1, see ``json_report``). ``--quick`` finishes in under a minute on 2 cores.
+``--devices N`` validates the JAX side split along the batch over a mesh of N devices (forced
+CPU devices where fewer exist). ``python -m parity convert ...`` is the checkpoint converter.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,11 +33,28 @@ import torch_impl
 from .harness import Report, compare
 
 DEVICES_CHILD = "CARRYOVER_PARITY_DEVICES_CHILD"  # set in the re-executed child: no second re-exec
+# The JSON report's layout; bumped when a key is renamed, removed or changes type, so a consumer
+# can refuse a report it does not understand instead of misreading it.
+SCHEMA_VERSION = 1
+# DESIGN.md's float32 forward bound: the line drawn in the drift plot and its "ok" per curve.
+DRIFT_BOUND = 1e-5
 
 
 @dataclass
 class Case:
-    """One configuration of the grid: a torch module factory, an input shape, compare options."""
+    """One configuration of the grid: a torch module factory, an input shape, compare options.
+
+    The grid is data: a new module kind (GRU, RNN, ...) needs only a factory like ``_lstm`` and
+    its rows in ``CASES`` (plus an entry in ``BATCHED_RANK`` if its port can be split along the
+    batch by ``--devices``). Names must be unique: ``--only`` and ``--list`` go by them.
+
+    Attributes:
+        name: shown in the table and the JSON report, matched by ``--only``.
+        make: builds a fresh torch module (seeded by the caller).
+        shape: the input's shape in torch's layout.
+        options: keyword arguments for ``parity.compare``.
+        quick: part of the ``--quick`` grid.
+    """
 
     name: str
     make: Callable[[], torch.nn.Module]
@@ -102,12 +126,21 @@ def _sharded_port(module: torch.nn.Module, dtype: torch.dtype, mesh) -> dict:
     return {"jax_module": jax_impl.sharding.with_mesh(jax_module, mesh), "variables": variables}
 
 
+# Modules whose JAX port ``jax_impl.with_mesh`` can split along the batch, with the rank of
+# their batched input; a kind missing here is skipped by --devices with the reason.
+BATCHED_RANK: dict[type, int] = {torch.nn.LSTM: 3, torch_impl.ConvLSTM2d: 5}
+
+
 def _unshardable(case: Case, devices: int) -> str | None:
     """Why ``case`` cannot run split over ``devices`` devices (None: it can)."""
     module = case.make()
-    if not isinstance(module, (torch.nn.LSTM, torch_impl.ConvLSTM2d)):
-        return f"{type(module).__name__} is a cell (no batch-split module)"
-    if len(case.shape) != (3 if isinstance(module, torch.nn.LSTM) else 5):
+    rank = next((r for kind, r in BATCHED_RANK.items() if isinstance(module, kind)), None)
+    if rank is None:
+        kind = type(module).__name__
+        if kind.endswith("Cell"):
+            return f"{kind} is a cell (no batch-split module)"
+        return f"{kind} has no batch-split port (not in BATCHED_RANK)"
+    if len(case.shape) != rank:
         return "unbatched input"
     batch = case.shape[0 if module.batch_first else 1]
     if batch % devices:
@@ -180,7 +213,18 @@ def _table(results: list[Report]):
 
 
 def plot_drift(path: str, steps: int = 2000, seed: int = 0) -> dict:
-    """PNG: error of JAX float32 (and torch float32) against a float64 reference, per step."""
+    """PNG: error of JAX float32 (and torch float32) against a float64 reference, per step.
+
+    Arguments:
+        path: where the PNG goes.
+        steps: LSTM sequence length (the ConvLSTM curve runs a tenth of it, at least 10).
+        seed: torch seed for the modules and inputs.
+
+    Returns:
+        Per curve title: ``jax_max`` and ``torch_max`` (largest error over all steps), ``steps``,
+        ``bound`` (``DRIFT_BOUND``, the line in the plot) and ``ok`` (``jax_max`` finite and
+        within ``bound``).
+    """
     import jax
     import jax.numpy as jnp
     import matplotlib
@@ -218,33 +262,270 @@ def plot_drift(path: str, steps: int = 2000, seed: int = 0) -> dict:
     for ax, (title, (jax_err, torch_err)) in zip(axes, curves.items()):
         ax.semilogy(np.maximum(jax_err, 1e-12), label="JAX float32", lw=0.8)
         ax.semilogy(np.maximum(torch_err, 1e-12), label="torch float32", lw=0.8, alpha=0.7)
-        ax.axhline(1e-5, color="k", ls="--", lw=0.8, label="float32 bound 1e-5")
+        ax.axhline(DRIFT_BOUND, color="k", ls="--", lw=0.8, label=f"float32 bound {DRIFT_BOUND:g}")
         ax.set_title(f"{title}: max abs error vs float64")
         ax.set_xlabel("time step")
         ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    return {title: {"jax_max": float(j.max()), "torch_max": float(t.max()), "steps": len(j)}
-            for title, (j, t) in curves.items()}
+    return {
+        title: {
+            "jax_max": float(j.max()), "torch_max": float(t.max()), "steps": len(j),
+            "bound": DRIFT_BOUND, "ok": bool(np.isfinite(j).all() and j.max() <= DRIFT_BOUND),
+        }
+        for title, (j, t) in curves.items()
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n\n")[0])
+# ------------------------------------------------------------------------- selection
+
+
+def select_cases(only: str | None, quick: bool, cases: list[Case] | None = None) -> list[Case]:
+    """The configurations a run covers.
+
+    Arguments:
+        only: keep the names containing this text, ignoring case (None or "": all).
+        quick: keep the ``--quick`` grid only.
+        cases: the grid (default ``CASES``).
+
+    Returns:
+        The selected cases in grid order (possibly none: the caller decides what that means).
+    """
+    cases = CASES if cases is None else cases
+    wanted = (only or "").casefold()
+    return [c for c in cases if (c.quick or not quick) and wanted in c.name.casefold()]
+
+
+def _nothing_selected(only: str, quick: bool) -> str:
+    """The error for an ``--only`` that matches no configuration: what exists to choose from."""
+    grid = select_cases(None, quick)
+    message = (f"--only {only!r} matches none of the {len(grid)} "
+               f"{'--quick ' if quick else ''}configurations (substring, ignoring case)")
+    if quick and select_cases(only, False):
+        message += f"; it matches {len(select_cases(only, False))} of the full grid: drop --quick"
+    return message + ". Available:\n" + "\n".join(f"  {c.name}" for c in grid)
+
+
+# ------------------------------------------------------------------------- JSON report
+
+
+def _package_version() -> str:
+    """carryover's version: the installed distribution's, else this checkout's pyproject.toml,
+    else "unknown" (a report must be written even from an odd install)."""
+    try:
+        return importlib.metadata.version("carryover")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    except OSError:
+        return "unknown"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (supported) has no tomllib: the [project] table's line
+        match = re.search(r'^\[project\]$(?:(?!^\[).)*?^version\s*=\s*"([^"]+)"', text, re.M | re.S)
+        return match.group(1) if match else "unknown"
+    try:
+        return str(tomllib.loads(text)["project"]["version"])
+    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        return "unknown"
+
+
+def _git(*args: str) -> str | None:
+    """``git args`` run in this package's directory: its stdout, or None when git is missing,
+    fails or hangs (never an error: the report does not depend on git)."""
+    try:
+        result = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout this package runs from; ``(None, None)`` outside one.
+
+    The package must be tracked by the repository: an install inside some other project's
+    (ignored) virtual environment would otherwise report that project's commit.
+    """
+    if _git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return None, None
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, (None if status is None or commit is None else bool(status))
+
+
+def _non_finite_reason(value: float, context: dict) -> str:
+    """Why a number could not be written: its token and, from a check's ``note``, the cause."""
+    token = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    note = context.get("note") or ""
+    if note.startswith("shape "):
+        return f"{token}: shape mismatch ({note})"
+    return f"{token}: {note}" if note else f"{token}: non-finite"
+
+
+def strict_json(value: Any, context: dict | None = None) -> tuple[Any, bool]:
+    """``value`` made writable as strict JSON (RFC 8259 has no NaN or Infinity).
+
+    Arguments:
+        value: dicts, lists, tuples, str, bool, None, ints and floats (numpy scalars included).
+        context: the dict holding ``value`` (its ``note`` explains a check's inf).
+
+    Returns:
+        ``(clean, replaced)``: ``clean`` has every non-finite float replaced by None, and in
+        every dict each key whose value was (or, for a list, held) one gets a sibling
+        ``<key>_note`` saying what was there and why; ``replaced`` tells the caller that
+        ``value`` itself (a float or a list) held a non-finite number.
+
+    Raises:
+        TypeError: for a value JSON cannot represent (names its type).
+    """
+    if isinstance(value, dict):
+        clean = {}
+        for key, item in value.items():
+            clean[key], replaced = strict_json(item, value)
+            if replaced:
+                reason = (_non_finite_reason(float(item), value) if not isinstance(item, (list, tuple))
+                          else "non-finite entries written as null")
+                clean[f"{key}_note"] = reason
+        return clean, False
+    if isinstance(value, (list, tuple)):
+        items = [strict_json(item, context) for item in value]
+        return [clean for clean, _ in items], any(replaced for _, replaced in items)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), False
+    if isinstance(value, (int, np.integer)):
+        return int(value), False
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return (value, False) if math.isfinite(value) else (None, True)
+    if value is None or isinstance(value, str):
+        return value, False
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to the JSON report; "
+                    "expected dict, list, str, int, float, bool or None")
+
+
+def json_report(summary: dict, arguments: dict, results: list[Report], skipped: dict[str, str],
+                environment: dict) -> dict:
+    """The ``--json`` document, ready for ``json.dump(..., allow_nan=False)``.
+
+    Arguments:
+        summary: ``ok``, ``configurations`` (comparisons run), ``failed``, ``seconds``, and
+            ``devices`` / ``drift`` when the run has them.
+        arguments: the command's options (dtype, seed, quick, only, atol, devices, plot).
+        results: one ``Report`` per comparison.
+        skipped: configuration name -> why ``--devices`` left it out.
+        environment: ``_environment()``.
+
+    Returns:
+        Keys: ``schema_version`` (int, ``SCHEMA_VERSION``), ``ok`` (bool: every comparison
+        matched; the exit status is 0 exactly when true), ``configurations``, ``failed`` (int),
+        ``seconds`` (float), ``carryover_version`` (str), ``git_commit`` (str or None),
+        ``git_dirty`` (bool or None: tracked files modified), ``arguments`` (dict),
+        ``skipped`` (list of ``{"config", "reason"}``), ``environment`` (dict), ``reports``
+        (``Report.to_dict()`` each), ``devices`` (int, with ``--devices N`` > 1) and ``drift``
+        (with ``--plot``: per curve ``jax_max``, ``torch_max``, ``steps``, ``bound``, ``ok``;
+        informational, outside ``ok``). Non-finite numbers are null with a ``<key>_note``.
+    """
+    commit, dirty = _git_state()
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        **summary,
+        "carryover_version": _package_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "arguments": arguments,
+        "skipped": [{"config": name, "reason": why} for name, why in skipped.items()],
+        "environment": environment,
+        "reports": [r.to_dict() for r in results],
+    }
+    return strict_json(document)[0]
+
+
+def write_json(path: str, document: dict) -> None:
+    """Writes ``document`` as strict JSON, atomically: a reader never sees half a report, and a
+    value strict JSON cannot hold fails here (ValueError) rather than in the reader."""
+    text = json.dumps(document, indent=1, allow_nan=False)
+    partial = f"{path}.{os.getpid()}.tmp"  # same directory: os.replace stays a rename
+    try:
+        with open(partial, "w") as f:
+            f.write(text + "\n")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+# ------------------------------------------------------------------------- command line
+
+EPILOG = """\
+--only TEXT selects the configurations whose name contains TEXT, ignoring case; --list shows
+the names (of the --quick grid with --quick).
+
+exit status:
+  0  every comparison matches
+  1  a mismatch (an uncaught error also exits 1, with a traceback)
+  2  usage error: a bad option, or --only / --devices leave no configuration to run
+
+--json writes strict JSON (no NaN/Infinity: such numbers are null with a "<key>_note" sibling),
+"schema_version": 1. The --plot drift curves are reported but do not change the exit status.
+
+checkpoint conversion: python -m parity convert --help
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid, under a minute on 2 cores")
     parser.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
-    parser.add_argument("--json", metavar="PATH", help="write a machine-readable report")
+    parser.add_argument("--json", metavar="PATH", help="write a machine-readable report (strict JSON)")
     parser.add_argument("--plot", metavar="PATH", help="PNG of float32 drift against float64 along a long sequence")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", metavar="TEXT", help="run the configurations whose name contains TEXT")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="run the configurations whose name contains TEXT (ignoring case); "
+                             "exit 2 if none does")
+    parser.add_argument("--list", action="store_true",
+                        help="print the configuration names (after --quick/--only), one per line, and exit")
     parser.add_argument("--atol", type=float, help="override the forward bound (default: DESIGN.md's per dtype)")
     parser.add_argument("--devices", type=int, default=1, metavar="N",
                         help="run the JAX side split along the batch over a mesh of N devices "
                              "(batched LSTM/ConvLSTM cases whose batch N divides; forced CPU "
                              "devices in a child process where JAX has fewer)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m parity``.
+
+    Arguments:
+        argv: the command's arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 every comparison matches, 1 a mismatch, 2 a usage error (argparse's
+        own errors raise SystemExit(2) instead).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        from .convert_checkpoint import main as convert_main
+
+        return convert_main(argv[1:])
+    parser = _parser()
     args = parser.parse_args(argv)
-    mesh = None
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.atol is not None and not (math.isfinite(args.atol) and args.atol >= 0):
+        parser.error(f"--atol must be a finite number >= 0, got {args.atol}")
+    cases = select_cases(args.only, args.quick)
+    if not cases:  # checked before any JAX start or re-exec: a typo fails fast
+        print(f"python -m parity: error: {_nothing_selected(args.only, args.quick)}", file=sys.stderr)
+        return 2
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return 0
+
+    mesh = None
+    skipped: dict[str, str] = {}
     if args.devices > 1:
         import jax
 
@@ -253,21 +534,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--devices {args.devices}: JAX still sees {len(jax.devices())} device(s)",
                       file=sys.stderr)
                 return 2
-            return _reexec_with_devices(sys.argv[1:] if argv is None else list(argv), args.devices)
+            return _reexec_with_devices(argv, args.devices)
         mesh = _mesh(args.devices)
+        reasons = {c.name: _unshardable(c, args.devices) for c in cases}
+        skipped = {name: why for name, why in reasons.items() if why}
+        if len(skipped) == len(cases):
+            print(f"python -m parity: error: --devices {args.devices}: none of the selected "
+                  "configurations can be split:\n"
+                  + "\n".join(f"  {name}: {why}" for name, why in skipped.items()), file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.name not in skipped]
 
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(width=None if sys.stdout.isatty() else 150)
+    for name, why in skipped.items():
+        console.print(f"--devices {args.devices}: skipping {name} ({why})")
     dtypes = {"float32": [torch.float32], "float64": [torch.float64], "both": [torch.float32, torch.float64]}[args.dtype]
-    cases = [c for c in CASES if (c.quick or not args.quick) and (not args.only or args.only in c.name)]
-    if mesh is not None:
-        skipped = {c.name: _unshardable(c, args.devices) for c in cases}
-        for name, why in skipped.items():
-            if why:
-                console.print(f"--devices {args.devices}: skipping {name} ({why})")
-        cases = [c for c in cases if not skipped[c.name]]
     results: list[Report] = []
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
@@ -285,10 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["devices"] = args.devices
     if args.plot:
         summary["drift"] = plot_drift(args.plot)
-        console.print(f"drift plot written to {args.plot}: {json.dumps(summary['drift'])}")
+        console.print(f"drift plot written to {args.plot}: {json.dumps(strict_json(summary['drift'])[0])}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**summary, "environment": _environment(), "reports": [r.to_dict() for r in results]}, f, indent=1)
+        arguments = {"dtype": args.dtype, "seed": args.seed, "quick": args.quick, "only": args.only,
+                     "atol": args.atol, "devices": args.devices, "plot": args.plot}
+        write_json(args.json, json_report(summary, arguments, results, skipped, _environment()))
         console.print(f"report written to {args.json}")
     verdict = "[green]all match[/green]" if not failures else f"[red]{len(failures)} mismatched[/red]"
     console.print(f"{len(results)} comparisons, {verdict} ({elapsed:.0f} s)")
