@@ -184,7 +184,7 @@ CATALOGUE: list[tuple[str, Callable[[Any], Any], type, str]] = [
      lambda _: setattr(jax_stream(), "carry", zeros_carry((2, 2, 8))), ValueError,
      r"carry h has shape \(2, 2, 8\), expected \(1, 2, 8\) \(the module's carry layout\)"),
     ("jax-stream-of-torch-module", lambda _: jax_impl.Stateful(torch.nn.LSTM(3, 4), {}), TypeError,
-     r"Stateful needs a jax_impl.LSTM or ConvLSTM, got LSTM"),
+     r"Stateful needs a jax_impl LSTM, GRU, RNN or ConvLSTM, got LSTM"),
     # --- torch_impl.ConvLSTM2d / ConvLSTMCell
     ("torch-convlstm-channels",
      lambda _: torch_impl.ConvLSTM2d(2, 4, 3)(torch.randn(3, 2, 3, 4, 4)), ValueError,

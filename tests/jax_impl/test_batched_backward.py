@@ -157,7 +157,7 @@ def test_conv_gradients_equal_xla(kernel_size, dilation, channels, features, bat
     im2col chunk budget set so small that the kernel gradient runs in several chunks."""
     from jax_impl import conv
 
-    monkeypatch.setattr(cells, "_IM2COL_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(conv, "_IM2COL_CHUNK_BYTES", 1)  # one image per chunk
     rng = np.random.default_rng(sum(kernel_size) + channels)
     x = jnp.asarray(rng.normal(size=(batch, 6, 7, channels)))
     kernel = jnp.asarray(rng.normal(size=kernel_size + (channels, features)))

@@ -129,7 +129,7 @@ def test_vmap_over_unbatched_lstm_equals_batched_call(lstm_case):
     def one(x_row, h_row, c_row, n):
         return module.apply(variables, x_row, (h_row, c_row), seq_lengths=n)
 
-    y_v, (h_v, c_v) = jax.jit(jax.vmap(one, in_axes=(0, 1, 1, 0), out_axes=(0, (1, 1))))(
+    y_v, (h_v, c_v) = jax.jit(jax.vmap(one, in_axes=(0, 1, 1, 0), out_axes=(0, 1)))(
         x, h0, c0, lengths
     )
     y_b, (h_b, c_b) = japply(module)(variables, x, (h0, c0), seq_lengths=lengths)
@@ -144,7 +144,7 @@ def test_vmap_over_unbatched_convlstm_equals_batched_call():
     x = _f32(rng.normal(size=(2, 4, 3, 3, 2)))
     variables = init_variables(module, x, rng=rng)
     y_v, (h_v, c_v) = jax.jit(
-        jax.vmap(lambda x_row: module.apply(variables, x_row), out_axes=(0, (1, 1)))
+        jax.vmap(lambda x_row: module.apply(variables, x_row), out_axes=(0, 1))
     )(x)
     y_b, (h_b, c_b) = japply(module)(variables, x)
     assert y_v.shape == (2, 4, 3, 3, 2) and h_v.shape == (2, 2, 3, 3, 2)

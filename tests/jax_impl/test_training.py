@@ -140,9 +140,9 @@ def test_bad_arguments(rng):
     lstm, variables, x, y = _setup(rng)
     with pytest.raises(TypeError, match="GradientTransformation"):
         make_tbptt_step(lstm, "adam")
-    with pytest.raises(TypeError, match="jax_impl.LSTM or ConvLSTM"):
+    with pytest.raises(TypeError, match="jax_impl LSTM, GRU, RNN or ConvLSTM"):
         make_tbptt_step(jax_impl.LSTMCell(H), optax.sgd(0.1), remat=True)
-    with pytest.raises(TypeError, match="jax_impl.LSTM or jax_impl.ConvLSTM"):
+    with pytest.raises(TypeError, match="jax_impl LSTM, GRU, RNN or ConvLSTM"):
         remat_apply(jax_impl.LSTMCell(H), variables, x)
     with pytest.raises(ValueError, match="carry h has shape"):
         remat_apply(lstm, variables, x, lstm.initialize_carry((B + 1,)))
