@@ -5,7 +5,8 @@ The only package that imports both ``torch_impl`` and ``jax_impl``.
 
 from .checkpoint import load_stream, read_checkpoint, save_stream
 from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
-from .harness import Check, Report, compare
+from .harness import compare
+from .report import Check, Report
 from .training import TrainingReport, compare_training, make_optimizers
 
 __all__ = [

@@ -30,7 +30,8 @@ import torch
 
 import torch_impl
 
-from .harness import Report, compare
+from .harness import compare
+from .report import Report
 
 DEVICES_CHILD = "CARRYOVER_PARITY_DEVICES_CHILD"  # set in the re-executed child: no second re-exec
 # The JSON report's layout; bumped when a key is renamed, removed or changes type, so a consumer

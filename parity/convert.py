@@ -68,10 +68,9 @@ def spec_for_jax(module: Any) -> ModuleSpec:
 
 def _options(spec: ModuleSpec, get) -> dict:
     """The options that decide which parameters exist, read through ``get(torch_attr)``."""
-    layered = spec.layered
     return dict(
-        num_layers=get("num_layers") if layered else 1,
-        bidirectional=bool(get("bidirectional")) if spec.kind == "lstm" else False,
+        num_layers=get("num_layers") if spec.layered else 1,
+        bidirectional=bool(get("bidirectional")) if spec.directions else False,
         bias=bool(get("bias")),
         proj=bool(get("proj_size")) if spec.kind == "lstm" else False,
     )
@@ -99,9 +98,32 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         raise ValueError(f"parameter {name} has {bad} non-finite values (NaN or Inf); expected finite weights")
 
 
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's exact values as numpy, bfloat16 included (numpy has no bfloat16 of its own:
+    the bits are reinterpreted as ml_dtypes' bfloat16, which JAX uses)."""
+    tensor = tensor.detach()
+    if tensor.is_meta:
+        raise ValueError(
+            "the module's parameters are on the 'meta' device (not materialized): call "
+            "module.to_empty(device='cpu') and load its weights (load_state_dict) first"
+        )
+    tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """The inverse of ``tensor_to_numpy``: a new tensor with exactly these values."""
+    array = np.array(array, order="C", copy=True)
+    if array.dtype == jnp.bfloat16:
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def torch_param_arrays(module: nn.Module) -> dict[str, np.ndarray]:
     """A torch module's parameters as numpy arrays, exact (detached, on the CPU)."""
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    return {k: tensor_to_numpy(v) for k, v in module.state_dict().items()}
 
 
 def _check_keys(expected: set, got: set, what: str) -> None:
@@ -115,22 +137,35 @@ def _check_keys(expected: set, got: set, what: str) -> None:
         raise ValueError(f"{what}: {'; '.join(parts)}")
 
 
-def to_jax(torch_module: nn.Module) -> tuple[Any, dict]:
-    """Converts a torch recurrent module to the equivalent jax_impl module and its variables.
+TARGETS = ("linen",)
+
+
+def to_jax(
+    torch_module: nn.Module, *, target: str = "linen", time_major: Optional[bool] = None
+) -> tuple[Any, Optional[dict]]:
+    """Converts a torch recurrent module to the equivalent JAX module and its variables.
 
     Arguments:
-        torch_module: nn.LSTM, nn.LSTMCell, torch_impl.ConvLSTM2d / ConvLSTMCell, or a
-            torch_impl stateful module wrapping one of them.
+        torch_module: nn.LSTM, nn.GRU, nn.RNN, their cells, torch_impl.ConvLSTM2d /
+            ConvLSTMCell, or a torch_impl stateful module wrapping one of them.
+        target: which JAX library's module to build; ``"linen"``: carryover's Linen modules.
+        time_major: the JAX module's layout; default the torch module's (``not batch_first``,
+            which is False for nn.LSTM/GRU/RNN unless set): pass ``time_major=False`` when
+            your JAX data is ``(B, T, ...)`` while the torch module is time-major.
 
     Returns:
-        ``(jax_module, variables)``; the JAX module keeps the layout (``time_major = not
-        batch_first``) and the parameters' dtype (float64 needs ``jax.enable_x64``).
+        ``(jax_module, variables)``; the JAX module keeps the parameters' dtype (float64 needs
+        ``jax.enable_x64``; bfloat16 is kept).
 
     Example:
         >>> lstm = torch.nn.LSTM(16, 32, num_layers=2, batch_first=True)
         >>> module, variables = to_jax(lstm)
         >>> y, (h, c) = module.apply(variables, jnp.ones((4, 10, 16)))
+        >>> y.shape
+        (4, 10, 32)
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     torch_module = _unwrap_stateful(torch_module)
     spec = spec_for_torch(torch_module)
     state = torch_param_arrays(torch_module)
@@ -159,6 +194,8 @@ def to_jax(torch_module: nn.Module) -> tuple[Any, dict]:
         if hasattr(torch_module, rule.torch):
             value = getattr(torch_module, rule.torch)
             config[rule.jax] = rule.to_jax(value) if rule.to_jax else value
+    if time_major is not None and "time_major" in config:
+        config["time_major"] = bool(time_major)
     jax_module = _resolve(spec.jax_class)(**config, param_dtype=jnp.dtype(dtype))
     return jax_module, {"params": params}
 
@@ -223,7 +260,7 @@ def to_torch(jax_module: Any, variables: Any, device: Optional[torch.device] = N
     dtypes = {a.dtype for a in arrays.values()}
     if len(dtypes) != 1:
         raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; expected one dtype")
-    dtype = torch.from_numpy(np.zeros(0, dtypes.pop())).dtype
+    dtype = numpy_to_tensor(np.zeros(0, dtypes.pop())).dtype
     torch_class = _resolve(spec.torch_class)
     module = torch_class(**spec.torch_sizes(arrays), **config, dtype=dtype, device=device)
     expected = module.state_dict()
@@ -234,37 +271,54 @@ def to_torch(jax_module: Any, variables: Any, device: Optional[torch.device] = N
                 f"parameter {name} has shape {array.shape} after conversion, expected "
                 f"{tuple(expected[name].shape)} for {torch_class.__name__}({config})"
             )
-    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, strict=True)
+    module.load_state_dict({k: numpy_to_tensor(v) for k, v in arrays.items()}, strict=True)
     return module
 
 
 # ----------------------------------------------------------------------------- state and streams
 
 
-def state_to_jax(spec: ModuleSpec, state: Any) -> Optional[tuple]:
-    """A torch ``(h, c)`` state as the JAX carry (channels-last for the ConvLSTM)."""
+def state_to_jax(spec: ModuleSpec, state: Any) -> Any:
+    """A torch state (``(h, c)``, or ``h``) as the JAX carry (channels-last for a ConvLSTM)."""
     if state is None:
         return None
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"state must be a pair (h, c), got {type(state).__name__}")
-    return tuple(
-        jnp.asarray(np.ascontiguousarray(spec.activation.to_jax(t.detach().cpu().numpy())))
-        for t in state
-    )
+    tensors = _state_tensors(spec, state)
+    arrays = [jnp.asarray(np.ascontiguousarray(spec.activation.to_jax(tensor_to_numpy(t))))
+              for t in tensors]
+    return jax_impl.LSTMState(*arrays) if spec.cell_state else arrays[0]
 
 
-def state_to_torch(spec: ModuleSpec, carry: Any) -> Optional[tuple]:
-    """A JAX carry as torch's ``(h, c)``."""
+def _state_tensors(spec: ModuleSpec, state: Any) -> tuple:
+    """The torch state as a tuple ``(h, c)`` or ``(h,)``; a TypeError for the other kind."""
+    if spec.cell_state:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"state must be a pair (h, c), got {type(state).__name__}")
+        return tuple(state)
+    if isinstance(state, (tuple, list)):
+        if len(state) == 1:
+            return tuple(state)
+        raise TypeError(
+            f"state must be one tensor h, got a {type(state).__name__} of {len(state)} "
+            "(an LSTM's (h, c)?)"
+        )
+    return (state,)
+
+
+def state_to_torch(spec: ModuleSpec, carry: Any) -> Any:
+    """A JAX carry as torch's state: ``(h, c)``, or the tensor ``h``."""
     if carry is None:
         return None
-    return tuple(
-        torch.from_numpy(np.array(spec.activation.to_torch(np.asarray(a)), order="C", copy=True))
-        for a in carry
+    tensors = tuple(
+        numpy_to_tensor(spec.activation.to_torch(np.asarray(a)))
+        for a in jax.tree_util.tree_leaves(carry)
     )
+    return tensors if spec.cell_state else tensors[0]
 
 
 def stream_to_jax(stateful: Any) -> jax_impl.Stateful:
     """A torch_impl stateful module as a ``jax_impl.Stateful`` that continues its stream.
+
+    Works for the stateful LSTM, GRU, RNN and ConvLSTM (and ``StatefulWrapper`` around them).
 
     The live carried state comes along: the next chunk fed to the JAX stream gives what the
     torch module would have given.
@@ -284,19 +338,40 @@ def stream_to_torch(stream: jax_impl.Stateful) -> Any:
         raise TypeError(f"stream_to_torch needs a jax_impl.Stateful, got {type(stream).__name__}")
     spec = spec_for_jax(stream.module)
     module = to_torch(stream.module, stream.variables)
-    if spec.kind == "lstm":
-        stateful = torch_impl.StatefulLSTM(
-            module.input_size, module.hidden_size, module.num_layers, batch_first=module.batch_first,
-            bias=module.bias, dropout=module.dropout, bidirectional=module.bidirectional,
-            proj_size=module.proj_size, dtype=module.weight_ih_l0.dtype,
-        )
-        stateful.lstm.load_state_dict(module.state_dict())
-    else:
-        stateful = torch_impl.StatefulConvLSTM(
-            module.input_channels, module.hidden_channels, module.kernel_size, module.num_layers,
-            batch_first=module.batch_first, bias=module.bias, dilation=module.dilation,
-            dropout=module.dropout, dtype=module.weight_ih_l0.dtype,
-        )
-        stateful.convlstm.load_state_dict(module.state_dict())
+    stateful = _STATEFUL_TORCH[spec.kind](module)
     stateful.set_state(state_to_torch(spec, stream.carry))
     return stateful
+
+
+def _stateful_rnn(stateful_class, attribute: str, extra: tuple[str, ...] = ()):
+    """Builds ``stateful_class`` around a copy of the weights of a converted torch module."""
+
+    def build(module):
+        options = {name: getattr(module, name) for name in extra}
+        stateful = stateful_class(
+            module.input_size, module.hidden_size, module.num_layers,
+            batch_first=module.batch_first, bias=module.bias, dropout=module.dropout,
+            bidirectional=module.bidirectional, dtype=module.weight_ih_l0.dtype, **options,
+        )
+        getattr(stateful, attribute).load_state_dict(module.state_dict())
+        return stateful
+
+    return build
+
+
+def _stateful_convlstm(module):
+    stateful = torch_impl.StatefulConvLSTM(
+        module.input_channels, module.hidden_channels, module.kernel_size, module.num_layers,
+        batch_first=module.batch_first, bias=module.bias, dilation=module.dilation,
+        dropout=module.dropout, dtype=module.weight_ih_l0.dtype,
+    )
+    stateful.convlstm.load_state_dict(module.state_dict())
+    return stateful
+
+
+_STATEFUL_TORCH = {
+    "lstm": _stateful_rnn(torch_impl.StatefulLSTM, "lstm", ("proj_size",)),
+    "gru": _stateful_rnn(torch_impl.StatefulGRU, "gru"),
+    "rnn": _stateful_rnn(torch_impl.StatefulRNN, "rnn", ("nonlinearity",)),
+    "convlstm": _stateful_convlstm,
+}

@@ -70,7 +70,7 @@ class ConfigRule:
 class ModuleSpec:
     """Everything that pairs one torch module class with one jax_impl module class."""
 
-    kind: str  # "lstm", "lstm_cell", "convlstm", "convlstm_cell"
+    kind: str  # "lstm", "lstm_cell", "gru", "gru_cell", "rnn", "rnn_cell", "convlstm", ...
     torch_class: str  # resolved lazily: "torch.nn.LSTM", "torch_impl.ConvLSTM2d", ...
     jax_class: str  # "jax_impl.LSTM", ...
     params: tuple[ParamRule, ...]
@@ -79,6 +79,17 @@ class ModuleSpec:
     activation: Layout  # input / output / state layout change
     # torch constructor arguments that come from parameter shapes, not from the JAX config
     torch_sizes: Callable[[dict], dict]
+    cell_state: bool = True  # the state is (h, c); else one tensor h
+    directions: bool = False  # has torch's ``bidirectional``
+    feature_rank: int = 1  # trailing feature axes of one input step (3 for a ConvLSTM)
+
+    @property
+    def is_cell(self) -> bool:
+        return not self.layered
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return ("h", "c") if self.cell_state else ("h",)
 
 
 def _negate(value: bool) -> bool:
@@ -102,6 +113,9 @@ _LSTM_CELL_PARAMS = (
     ParamRule("bias_ih", ("ih_bias",), IDENTITY, "bias"),
     ParamRule("bias_hh", ("hh_bias",), IDENTITY, "bias"),
 )
+# GRU and RNN: the LSTM's table without the projection (3H or H rows instead of 4H)
+_GATED_PARAMS = tuple(rule for rule in _LSTM_PARAMS if rule.when != "proj")
+
 _CONVLSTM_PARAMS = (
     ParamRule("weight_ih_l{layer}", ("layer_{layer}", "ih_kernel"), CONV),
     ParamRule("weight_hh_l{layer}", ("layer_{layer}", "hh_kernel"), CONV),
@@ -116,37 +130,89 @@ _CONVLSTM_CELL_PARAMS = (
 )
 
 
+_RNN_BASE_CONFIG = (
+    ConfigRule("hidden_size", "hidden_size"),
+    ConfigRule("num_layers", "num_layers"),
+    ConfigRule("bias", "use_bias"),
+    ConfigRule("dropout", "dropout"),
+    ConfigRule("bidirectional", "bidirectional"),
+    ConfigRule("batch_first", "time_major", _negate, _negate),
+)
+_CELL_CONFIG = (ConfigRule("hidden_size", "hidden_size"), ConfigRule("bias", "use_bias"))
+_NONLINEARITY = ConfigRule("nonlinearity", "nonlinearity")
+
+
+def _input_size(name: str) -> Callable[[dict], dict]:
+    return lambda p: {"input_size": p[name].shape[1]}
+
+
 SPECS: tuple[ModuleSpec, ...] = (
     ModuleSpec(
         kind="lstm",
         torch_class="torch.nn.LSTM",
         jax_class="jax_impl.LSTM",
         params=_LSTM_PARAMS,
-        config=(
-            ConfigRule("hidden_size", "hidden_size"),
-            ConfigRule("num_layers", "num_layers"),
-            ConfigRule("bias", "use_bias"),
-            ConfigRule("dropout", "dropout"),
-            ConfigRule("bidirectional", "bidirectional"),
-            ConfigRule("proj_size", "proj_size"),
-            ConfigRule("batch_first", "time_major", _negate, _negate),
-        ),
+        config=_RNN_BASE_CONFIG + (ConfigRule("proj_size", "proj_size"),),
         layered=True,
         activation=IDENTITY,
-        torch_sizes=lambda p: {"input_size": p["weight_ih_l0"].shape[1]},
+        torch_sizes=_input_size("weight_ih_l0"),
+        directions=True,
+    ),
+    ModuleSpec(
+        kind="gru",
+        torch_class="torch.nn.GRU",
+        jax_class="jax_impl.GRU",
+        params=_GATED_PARAMS,
+        config=_RNN_BASE_CONFIG,
+        layered=True,
+        activation=IDENTITY,
+        torch_sizes=_input_size("weight_ih_l0"),
+        cell_state=False,
+        directions=True,
+    ),
+    ModuleSpec(
+        kind="rnn",
+        torch_class="torch.nn.RNN",
+        jax_class="jax_impl.RNN",
+        params=_GATED_PARAMS,
+        config=_RNN_BASE_CONFIG + (_NONLINEARITY,),
+        layered=True,
+        activation=IDENTITY,
+        torch_sizes=_input_size("weight_ih_l0"),
+        cell_state=False,
+        directions=True,
     ),
     ModuleSpec(
         kind="lstm_cell",
         torch_class="torch.nn.LSTMCell",
         jax_class="jax_impl.LSTMCell",
         params=_LSTM_CELL_PARAMS,
-        config=(
-            ConfigRule("hidden_size", "hidden_size"),
-            ConfigRule("bias", "use_bias"),
-        ),
+        config=_CELL_CONFIG,
         layered=False,
         activation=IDENTITY,
-        torch_sizes=lambda p: {"input_size": p["weight_ih"].shape[1]},
+        torch_sizes=_input_size("weight_ih"),
+    ),
+    ModuleSpec(
+        kind="gru_cell",
+        torch_class="torch.nn.GRUCell",
+        jax_class="jax_impl.GRUCell",
+        params=_LSTM_CELL_PARAMS,
+        config=_CELL_CONFIG,
+        layered=False,
+        activation=IDENTITY,
+        torch_sizes=_input_size("weight_ih"),
+        cell_state=False,
+    ),
+    ModuleSpec(
+        kind="rnn_cell",
+        torch_class="torch.nn.RNNCell",
+        jax_class="jax_impl.RNNCell",
+        params=_LSTM_CELL_PARAMS,
+        config=_CELL_CONFIG + (_NONLINEARITY,),
+        layered=False,
+        activation=IDENTITY,
+        torch_sizes=_input_size("weight_ih"),
+        cell_state=False,
     ),
     ModuleSpec(
         kind="convlstm",
@@ -165,6 +231,7 @@ SPECS: tuple[ModuleSpec, ...] = (
         layered=True,
         activation=CHANNELS_LAST,
         torch_sizes=lambda p: {"input_channels": p["weight_ih_l0"].shape[1]},
+        feature_rank=3,
     ),
     ModuleSpec(
         kind="convlstm_cell",
@@ -180,6 +247,7 @@ SPECS: tuple[ModuleSpec, ...] = (
         layered=False,
         activation=CHANNELS_LAST,
         torch_sizes=lambda p: {"input_channels": p["weight_ih"].shape[1]},
+        feature_rank=3,
     ),
 )
 

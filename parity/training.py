@@ -41,7 +41,8 @@ import jax_impl
 import torch_impl
 
 from .convert import jax_params_as_torch, spec_for_torch, state_to_jax, to_jax
-from .harness import Check, Report, check_arrays, numerics
+from .harness import _is_hashable, numerics
+from .report import Check, Report, check_arrays
 
 __all__ = ["compare_training", "make_optimizers", "TrainingReport", "TRAINING_ATOL"]
 
@@ -202,15 +203,16 @@ def _split_step(module, loss_fn, tx):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    if _is_hashable(module) and _is_hashable(loss_fn):
+        # one program per configuration, reused by every comparison of it
+        value_and_grad = functools.partial(_value_and_grad, module, loss_fn)
+    else:  # decided up front: an error inside the step must never select another path
+        value_and_grad = jax.jit(jax.value_and_grad(
+            functools.partial(_chunk_objective, module, loss_fn), has_aux=True
+        ))
+
     def step(variables, opt_state, carry, x, y):
-        try:
-            (loss, carry), grads = _value_and_grad(module, loss_fn, variables["params"], carry, x, y)
-        except (TypeError, ValueError) as error:
-            if "hash" not in str(error):
-                raise
-            (loss, carry), grads = jax.value_and_grad(
-                functools.partial(_chunk_objective, module, loss_fn), has_aux=True
-            )(variables["params"], carry, x, y)
+        (loss, carry), grads = value_and_grad(variables["params"], carry, x, y)
         params, opt_state = update(grads, opt_state, variables["params"])
         return {**variables, "params": params}, opt_state, carry, loss
 

@@ -11,7 +11,7 @@ import torch
 
 import torch_impl
 from parity import compare
-from parity.harness import draw_dropout_masks, masked_forward, split_lstm
+from parity.dropout import draw_dropout_masks, masked_forward, split_layers
 
 F64 = torch.float64
 GRAD_BOUND = 1e-10  # relative to the largest gradient
@@ -85,9 +85,9 @@ def test_without_masks_the_torch_side_is_deterministic():
     assert module.training
 
 
-def test_split_lstm_shares_parameters_and_gradients():
+def test_split_layers_shares_parameters_and_gradients():
     lstm = _lstm()
-    layers = split_lstm(lstm)
+    layers = split_layers(lstm)
     assert layers[1].weight_hh_l0_reverse is lstm.weight_hh_l1_reverse
     x = CASES["lstm"][1]()
     lstm.eval()
