@@ -7,6 +7,7 @@ from .checkpoint import load_stream, read_checkpoint, save_stream
 from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
 from .harness import compare
 from .report import Check, Report
+from .state_dict import Converted, convert_state_dict, load_converted, save_converted
 from .training import TrainingReport, compare_training, make_optimizers
 
 __all__ = [
@@ -23,4 +24,8 @@ __all__ = [
     "save_stream",
     "load_stream",
     "read_checkpoint",
+    "convert_state_dict",
+    "load_converted",
+    "save_converted",
+    "Converted",
 ]
