@@ -199,8 +199,11 @@ class CellParts:
         return self.kind.join(h, rest), pre, h_full
 
     def __call__(self, weights: Any, carry: Any, x: Array) -> tuple[Any, Array]:
-        carry, _, _ = self.step_with_parts(weights, carry, x)
-        return carry, self.kind.split(carry)[0]
+        new_carry, _, _ = self.step_with_parts(weights, carry, x)
+        y = self.kind.split(new_carry)[0]
+        if type(carry) is tuple:  # a scan over the step needs the carry type it was given
+            new_carry = tuple(new_carry)
+        return new_carry, y
 
 
 def _affine(x: Array, kernel: Array, bias: Optional[Array], precision) -> Array:
@@ -279,14 +282,15 @@ def lstm_step(
         precision: matmul precision (``jax.lax.Precision``), None for the backend default.
 
     Returns:
-        ``(LSTMState(h, c), h)``: the new carry and the step's output (h, projected if so).
+        ``((h, c), h)``: the new carry (an ``LSTMState``, or a plain tuple if one was given) and
+        the step's output (h, projected if so).
 
     Example:
         >>> w = DenseWeights(jnp.ones((3, 16)), jnp.ones((4, 16)))
         >>> (h, c), y = lstm_step(w, LSTMState(jnp.zeros(4), jnp.zeros(4)), jnp.ones(3))
     """
     projection = weights.proj_kernel is not None
-    return dense_parts("lstm", precision, projection)(weights, LSTMState(*carry), x)
+    return dense_parts("lstm", precision, projection)(weights, carry, x)
 
 
 def gru_step(
@@ -341,7 +345,7 @@ def convlstm_step(
         >>> zeros = jnp.zeros((1, 5, 5, 4))
         >>> (h, c), y = convlstm_step(w, (zeros, zeros), jnp.ones((1, 5, 5, 2)))
     """
-    return conv_parts("lstm", tuple(dilation), precision)(weights, LSTMState(*carry), x)
+    return conv_parts("lstm", tuple(dilation), precision)(weights, carry, x)
 
 
 # ----------------------------------------------------------------------------------- params

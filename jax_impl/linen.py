@@ -425,12 +425,8 @@ class _Cell(nn.RNNCellBase):
             self, self._shapes(x.shape[-1]), self._bound(), self.param_dtype
         ))
         dtype = computation_dtype(self.dtype, x, weights)
-        plain_tuple = type(carry) is tuple  # a scan over the cell needs the type it was given
         carry = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
-        if KINDS[self._kind()].cell_state:
-            carry = LSTMState(*carry)
-        carry, y = self._cell()(cast_weights(weights, dtype), carry, x.astype(dtype))
-        return (tuple(carry) if plain_tuple else carry), y
+        return self._cell()(cast_weights(weights, dtype), carry, x.astype(dtype))
 
     @nn.nowrap
     def initialize_carry(self, rng, input_shape: tuple[int, ...]) -> Any:

@@ -221,9 +221,11 @@ def _scan_parts_fwd(cell, weights, carry, xs, valid, reset, reverse, unroll):
 def _combine_transpose(kind, pre):
     """The transpose of ``kind.combine`` (linear) at the shapes of ``pre``: ``d_pre -> (d_from_
     input, d_from_hidden)``."""
-    leaf = jax.tree_util.tree_leaves(pre)[0]
-    struct = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-    return jax.linear_transpose(kind.combine, struct, struct)
+    # The VJP at zeros: ``combine`` is linear, so its VJP does not depend on the point; zeros
+    # keep the arrays' full type (inside shard_map, their varying mesh axes), which
+    # ``jax.linear_transpose`` of bare shapes would drop.
+    zeros = jnp.zeros_like(jax.tree_util.tree_leaves(pre)[0])
+    return jax.vjp(kind.combine, zeros, zeros)[1]
 
 
 def _scan_parts_bwd(cell, reverse, unroll, saved, cotangents):

@@ -228,8 +228,9 @@ CATALOGUE: list[tuple[str, Callable[[Any], Any], type, str]] = [
     ("torch-stream-unsupported-module", lambda _: torch_impl.StatefulWrapper(torch.nn.Linear(3, 4)),
      TypeError, r"StatefulWrapper supports nn.LSTM, nn.GRU, nn.RNN and ConvLSTM2d, got Linear"),
     # --- parity: conversion
-    ("to-jax-gru", lambda _: to_jax(torch.nn.GRU(3, 4)), TypeError,
-     r"cannot convert a torch.nn.modules.rnn.GRU; supported: torch.nn.LSTM, torch.nn.LSTMCell, "
+    ("to-jax-unsupported", lambda _: to_jax(torch.nn.Linear(3, 4)), TypeError,
+     r"cannot convert a torch.nn.modules.linear.Linear; supported: torch.nn.LSTM, torch.nn.GRU, "
+     r"torch.nn.RNN, torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.RNNCell, "
      r"torch_impl.ConvLSTM2d, torch_impl.ConvLSTMCell"),
     ("to-jax-float64-outside-x64", lambda _: float64_outside_x64(), TypeError,
      r"float64 weights need JAX's x64 mode"),
