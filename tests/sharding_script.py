@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a file, this directory would lead sys.path, and tests/jax_impl/ would shadow jax_impl.
+# Run as a file, this directory would lead sys.path, and tests/jax_impl/ would shadow jax_impl:
+# import the checkout this script sits in first, and this directory (for ``hlo``) last.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [
+    p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE
+] + [_HERE]
 
 DEVICES = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 os.environ["XLA_FLAGS"] = (
@@ -32,7 +35,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jax_impl  # noqa: E402
-from jax_impl.sharding import collectives, loop_collectives  # noqa: E402
+from hlo import collectives, loop_collectives  # noqa: E402
 
 
 def _normal(rng: np.random.Generator, shape) -> jax.Array:
