@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jax_impl  # noqa: E402
+
 from hlo import collectives, loop_collectives  # noqa: E402
 
 

@@ -23,8 +23,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jax_impl
-from hlo import collectives, loop_collectives
 from jax_impl.sharding import batch_spec, check_batch, resolve_mesh, with_mesh
+
+from hlo import collectives, loop_collectives
 
 SCRIPT = Path(__file__).with_name("sharding_script.py")
 DEVICES = 4

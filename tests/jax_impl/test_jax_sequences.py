@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jax_impl import LSTM, ConvLSTM
+
 from jax_np_reference import layer_params, np_lstm_cell, np_stack
 from jax_test_helpers import init_variables, japply
 
@@ -49,7 +50,7 @@ def _segments(reset_row):
 CHUNK_STEPS = 6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chunk_setup(kind):
     rng = np.random.default_rng(7)
     if kind == "lstm":

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jax_impl import LSTM, ConvLSTM, Stateful, bucket_length
+
 from jax_test_helpers import init_variables, japply
 
 F32_ATOL = 1e-6

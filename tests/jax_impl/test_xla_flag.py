@@ -101,12 +101,12 @@ with warnings.catch_warnings(record=True) as caught:
 
 def test_the_users_own_extra_options_win():
     mine = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=5"
-    code = """
+    code = f"""
 import os, warnings, jax_impl
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    print(jax_impl.enable_small_loop_kernels(), os.environ["XLA_FLAGS"] == %r, len(caught))
-""" % mine
+    print(jax_impl.enable_small_loop_kernels(), os.environ["XLA_FLAGS"] == {mine!r}, len(caught))
+"""
     assert _python(code, XLA_FLAGS=mine) == "False True 1"
 
 
