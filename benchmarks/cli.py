@@ -14,13 +14,13 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 # Imported before anything starts JAX's backends, so that --small-loop-kernels (an XLA option
 # of the whole process, see jax_impl/_xla_cpu.py) can still take effect.
@@ -37,8 +37,8 @@ class CaseSpec:
     pass_name: str
     build: Callable[[], list]
     flops: float
-    reference: Optional[str]  # the "ratio vs torch oneDNN" column's denominator
-    alt_reference: Optional[str] = None  # a second ratio column (torch on 1 thread)
+    reference: str | None  # the "ratio vs torch oneDNN" column's denominator
+    alt_reference: str | None = None  # a second ratio column (torch on 1 thread)
     pairs: list[tuple[str, str]] = field(default_factory=list)  # extra named ratios
     schedule: Any = None
 
@@ -67,14 +67,14 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _loadavg() -> Optional[list[float]]:
+def _loadavg() -> list[float] | None:
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         return None
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent,
                               capture_output=True, text=True, timeout=10).stdout.strip()
@@ -130,7 +130,12 @@ def environment() -> dict:
 def build_cases(quick: bool) -> list[CaseSpec]:
     from . import competitors as C  # noqa: PLC0415
     from .configs import (  # noqa: PLC0415
-        CONVLSTM_CONFIGS, LSTM_CONFIGS, PASSES, SGEMM_SIZE, STREAM_CHUNK, STREAM_CONFIG,
+        CONVLSTM_CONFIGS,
+        LSTM_CONFIGS,
+        PASSES,
+        SGEMM_SIZE,
+        STREAM_CHUNK,
+        STREAM_CONFIG,
         pass_flops,
     )
     from .streaming import JIT_FULL, STREAM_CHUNKS, STREAM_ONE, stream_competitors  # noqa: PLC0415
@@ -205,7 +210,7 @@ def build_cases(quick: bool) -> list[CaseSpec]:
     return cases
 
 
-def _ms(x: Optional[float]) -> Optional[float]:
+def _ms(x: float | None) -> float | None:
     return None if x is None else 1e3 * x
 
 
@@ -226,14 +231,14 @@ def pilot(spec: CaseSpec, log=print) -> dict:
     for c in competitors:
         med = ct.median(c.name)
         predicted[c.name] = None if med is None else med * steps / short * batch / small_batch
-    log("    pilot T=%d B=%d: predicted full call %s" % (short, small_batch, ", ".join(
-        f"{k} {v:.2f} s" for k, v in predicted.items() if v is not None)))
+    estimates = ", ".join(f"{k} {v:.2f} s" for k, v in predicted.items() if v is not None)
+    log(f"    pilot T={short} B={small_batch}: predicted full call {estimates}")
     return {"steps": short, "batch": small_batch, "times_s": ct.times, "warmup_s": ct.warmup_times,
             "predicted_s": predicted, "errors": ct.errors}
 
 
-def summarize(spec: CaseSpec, ct, peak_flops: Optional[float], competitors,
-              pilot_info: Optional[dict] = None, skipped: frozenset = frozenset()) -> dict:
+def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
+              pilot_info: dict | None = None, skipped: frozenset = frozenset()) -> dict:
     """Medians, GFLOP/s, % of peak and paired ratios of one case."""
     reference = spec.reference
     if reference not in ct.times and spec.family == "convlstm":
@@ -307,7 +312,7 @@ def evaluate_targets(results: dict) -> list[dict]:
 
     cases = {c["name"]: c for c in results["cases"]}
 
-    def ratio(case: str, num: str, den: str) -> Optional[float]:
+    def ratio(case: str, num: str, den: str) -> float | None:
         c = cases.get(case)
         if c is None:
             return None
@@ -453,7 +458,7 @@ def main(argv=None) -> int:
           f"{env['versions']['torch']} ({env['torch_num_threads']} threads), jax "
           f"{env['versions']['jax']}, load {env['loadavg_start']}", flush=True)
 
-    peak_flops: Optional[float] = None
+    peak_flops: float | None = None
     peak_case = chosen[0]
 
     def run_case(spec: CaseSpec) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -117,5 +116,5 @@ STREAM_CHUNK = 16
 SGEMM_SIZE = 2048
 
 
-def find_lstm(name: str) -> Optional[LSTMConfig]:
+def find_lstm(name: str) -> LSTMConfig | None:
     return next((c for c in LSTM_CONFIGS if c.name == name), None)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 JAX_FAMILIES = ("lstm", "convlstm")
 
 
-def _f(x: Optional[float], fmt: str) -> str:
+def _f(x: float | None, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 

@@ -22,8 +22,9 @@ import math
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 @dataclass
@@ -38,8 +39,8 @@ class Competitor:
     name: str
     framework: str  # "torch" or "jax"
     fn: Callable[[], Any]
-    before: Optional[Callable[[], None]] = None
-    after: Optional[Callable[[], None]] = None
+    before: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
     note: str = ""
 
 
@@ -57,7 +58,7 @@ class Schedule:
     slow_s: float = math.inf
     slow_reps: int = 2
     skip_s: float = math.inf
-    pilot_fraction: Optional[float] = None
+    pilot_fraction: float | None = None
 
     def reps_for(self, round_s: float) -> int:
         if round_s <= 0:
@@ -74,7 +75,7 @@ class CaseTimes:
     reps: int = 0
     unpaired: list[str] = field(default_factory=list)  # timed on their own (slow)
 
-    def median(self, name: str) -> Optional[float]:
+    def median(self, name: str) -> float | None:
         t = self.times.get(name)
         return statistics.median(t) if t else None
 
@@ -86,7 +87,7 @@ class CaseTimes:
             return []
         return [x / y for x, y in zip(a, b)]
 
-    def ratio(self, num: str, den: str) -> Optional[float]:
+    def ratio(self, num: str, den: str) -> float | None:
         """Median of the paired ratios; a ratio of medians when either side is unpaired."""
         if num in self.unpaired or den in self.unpaired:
             a, b = self.median(num), self.median(den)
@@ -121,7 +122,7 @@ def run_interleaved(competitors: list[Competitor], schedule: Schedule, log=print
     warm: dict[str, list[float]] = {c.name: [] for c in competitors}
     slow: list[Competitor] = []
 
-    def guarded(c: Competitor) -> Optional[float]:
+    def guarded(c: Competitor) -> float | None:
         try:
             return _call(c)
         except Exception as e:  # noqa: BLE001 - one broken competitor must not end the run

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -47,7 +46,6 @@ except AttributeError:  # pragma: no cover - older jax
 __all__ = [
     "resolve_mesh", "batch_devices", "check_batch", "batch_spec", "batch_sharding",
     "shard_batch", "replicate", "run_stack_sharded", "ShardedModule", "with_mesh",
-    "collectives", "loop_collectives",
 ]
 
 
@@ -282,97 +280,3 @@ def with_mesh(module: Any, mesh: MeshLike, batch_axis: BatchAxis = "batch") -> S
         >>> y, carry = with_mesh(lstm, mesh).apply(variables, x)
     """
     return ShardedModule(module, resolve_mesh(mesh, batch_axis), batch_axis)
-
-
-# ------------------------------------------------------------------------------ HLO checks
-
-COLLECTIVE_OPS = (
-    "all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-    "collective-broadcast", "ragged-all-to-all",
-)
-_OP = re.compile(r"\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-start|-done)?\(")
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLED = re.compile(
-    r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-)
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
-
-
-def _computations(hlo_text: str) -> dict[str, list[str]]:
-    """HLO module text -> ``{computation name: its instruction lines}``."""
-    computations: dict[str, list[str]] = {}
-    current: Optional[list[str]] = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            match = _HEADER.match(line)
-            if match and not line.startswith((" ", "\t", "HloModule")):
-                current = computations.setdefault(match.group(1), [])
-        elif line.strip() == "}":
-            current = None
-        else:
-            current.append(line)
-    return computations
-
-
-def _called(lines: list[str]) -> set[str]:
-    names: set[str] = set()
-    for line in lines:
-        names.update(_CALLED.findall(line))
-        for group in _BRANCHES.findall(line):
-            names.update(n.strip().lstrip("%") for n in group.split(",") if n.strip())
-    return names
-
-
-def collectives(hlo_text: str) -> list[tuple[str, str]]:
-    """Every collective op in an HLO module's text, as ``(computation, op)`` pairs.
-
-    Example:
-        >>> text = jax.jit(f).lower(x).compile().as_text()
-        >>> assert collectives(text) == []
-    """
-    return [
-        (name, match.group(1))
-        for name, lines in _computations(hlo_text).items()
-        for line in lines
-        for match in _OP.finditer(line)
-    ]
-
-
-def loop_collectives(hlo_text: str) -> tuple[list[tuple[str, str]], int]:
-    """The collective ops that run inside a ``while`` loop (the time loop's body and condition,
-    and every computation they call, however deep).
-
-    Arguments:
-        hlo_text: an HLO module's text, e.g. ``jax.jit(f).lower(...).compile().as_text()``.
-
-    Returns:
-        ``(found, loops)``: ``found`` the ``(computation, op)`` pairs inside loops; ``loops``
-        how many while bodies were seen (0 means there was no loop to check).
-
-    Example:
-        >>> found, loops = loop_collectives(compiled_text)
-        >>> assert loops and not found
-    """
-    computations = _computations(hlo_text)
-    bodies = {m for lines in computations.values() for line in lines
-              for m in _WHILE_BODY.findall(line)}
-    inside: set[str] = set()
-    frontier = set(bodies)
-    for lines in computations.values():  # loop conditions count as the loop too
-        for line in lines:
-            if " while(" in line:
-                frontier.update(re.findall(r"\bcondition=%?([\w.\-]+)", line))
-    while frontier:
-        name = frontier.pop()
-        if name in inside or name not in computations:
-            continue
-        inside.add(name)
-        frontier |= _called(computations[name])
-    found = [
-        (name, match.group(1))
-        for name in sorted(inside)
-        for line in computations[name]
-        for match in _OP.finditer(line)
-    ]
-    return found, len(bodies)

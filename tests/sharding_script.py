@@ -4,6 +4,18 @@ The forced host device count must be set before JAX creates its CPU backend, whi
 the suite has done long before; so this script sets it and prints one JSON object of results
 (``{"check name": {...}}``) on its last line for the test to assert on.
 
+What is compared, and why (each check's ``"per_device"``, ``"full"`` and ``"float64"``):
+
+* ``per_device``: the mesh run against the one-device program run on each device's rows
+  separately, concatenated. That is the same program on the same shapes, so it must match bit
+  for bit.
+* ``full``: the mesh run against the one-device run on the whole batch. Each device multiplies
+  a quarter of the batch, and XLA:CPU picks its kernels and blockings by shape (and CPU), so
+  the rounding may differ: float32 rounding only (e.g. 6e-8 on an AVX2 EPYC), not bits.
+* ``float64`` (LSTM forward and gradients): the ``full`` comparison in float64
+  (``jax.enable_x64`` scoped to that run), where rounding is ~1e-16, so a bound of 1e-14
+  relative to the largest value still catches any real difference.
+
 Run by hand: ``python tests/sharding_script.py [devices]`` (default 4).
 """
 
@@ -12,9 +24,12 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a file, this directory would lead sys.path, and tests/jax_impl/ would shadow jax_impl.
+# Run as a file, this directory would lead sys.path, and tests/jax_impl/ would shadow jax_impl:
+# import the checkout this script sits in first, and this directory (for ``hlo``) last.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [
+    p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE
+] + [_HERE]
 
 DEVICES = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 os.environ["XLA_FLAGS"] = (
@@ -32,7 +47,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jax_impl  # noqa: E402
-from jax_impl.sharding import collectives, loop_collectives  # noqa: E402
+
+from hlo import collectives, loop_collectives  # noqa: E402
 
 
 def _normal(rng: np.random.Generator, shape) -> jax.Array:
@@ -48,14 +64,45 @@ def _variables(model, x: jax.Array, rng: np.random.Generator) -> Any:
     )
 
 
-def _compare(one, many) -> dict:
-    """Bitwise equality and the largest abs difference over two pytrees of arrays."""
-    pairs = list(zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)))
+def _compare(reference, mesh) -> dict:
+    """Bitwise equality, the largest abs difference and the reference's largest abs value
+    over two pytrees of arrays."""
+    pairs = [
+        (np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(mesh))
+    ]
     return {
-        "bitwise": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
-        "max_abs": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs),
+        "bitwise": all(np.array_equal(a, b) for a, b in pairs),
+        "max_abs": max(float(np.max(np.abs(a - b))) for a, b in pairs),
+        "scale": max(float(np.max(np.abs(a))) for a, _ in pairs),
+        "dtypes": sorted({str(a.dtype) for a, _ in pairs} | {str(b.dtype) for _, b in pairs}),
         "dtypes_equal": all(a.dtype == b.dtype for a, b in pairs),
     }
+
+
+def _rows(tree: Any, axes: Any, k: int, parts: int) -> Any:
+    """Part ``k`` of ``parts`` equal row blocks of every array of ``tree`` (``axes``: the batch
+    axis of each, a tree prefix; None leaves a subtree whole, as a replicated argument)."""
+
+    def cut(axis, subtree):
+        if axis is None:
+            return subtree
+        return jax.tree_util.tree_map(
+            lambda a: np.split(np.asarray(a), parts, axis=axis)[k], subtree
+        )
+
+    return jax.tree_util.tree_map(cut, axes, tree, is_leaf=lambda a: a is None)
+
+
+def _per_device(f, args: tuple, arg_axes: tuple, out_axes: Any, parts: int) -> Any:
+    """``jax.jit(f)`` on one device, run on each of ``parts`` row blocks separately (what each
+    device of the mesh holds: the same program on the same shapes), results concatenated."""
+    f = jax.jit(f)
+    outs = [f(*_rows(args, arg_axes, k, parts)) for k in range(parts)]
+    return jax.tree_util.tree_map(
+        lambda axis, *leaves: np.concatenate([np.asarray(a) for a in leaves], axis=axis),
+        out_axes, *outs,
+    )
 
 
 def _batch_spec(array: jax.Array) -> Any:
@@ -78,10 +125,18 @@ def _hlo(text: str) -> dict:
     return {"while_loops": loops, "in_loops": found, "anywhere": collectives(text)}
 
 
+def _to(tree: Any, dtype) -> Any:
+    """The floating arrays of ``tree`` as ``dtype`` (ints and bools kept)."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
 def check_lstm(mesh: Mesh) -> dict:
     """2 layers, bidirectional, proj_size, seq_lengths, reset, a random carry, and inter-layer
-    dropout (one program for all: the keep masks are drawn for the whole batch, so the same
-    rng must give the same result on the mesh)."""
+    dropout. float32 with given keep masks (the per-device runs take their rows of them);
+    float64 with the dropout rng (the masks are drawn for the whole batch before the split,
+    so the same rng must give the same masks on the mesh)."""
     rng = np.random.default_rng(0)
     batch, steps = 2 * DEVICES, 6
     lstm = jax_impl.LSTM(8, num_layers=2, bidirectional=True, proj_size=5, dropout=0.25)
@@ -90,23 +145,39 @@ def check_lstm(mesh: Mesh) -> dict:
     carry = tuple(_normal(rng, s) for s in lstm.carry_shapes((batch,)))
     lengths = jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32)
     reset = jnp.asarray(rng.random((batch, steps)) < 0.2)
+    keep = jnp.asarray(rng.random((batch, steps, 2 * 5)) > 0.25)  # layer 0's output (B, T, D*P)
 
-    def run(variables, x, carry, lengths, reset, key, mesh=None):
+    def with_masks(variables, x, carry, lengths, reset, keep, mesh=None):
+        return lstm.apply(
+            variables, x, carry, seq_lengths=lengths, reset=reset, deterministic=False,
+            dropout_masks=[keep], mesh=mesh,
+        )
+
+    args = (variables, x, carry, lengths, reset, keep)
+    plain, sharded, text = _sharded_and_plain(with_masks, args, mesh)
+    out_axes = (0, (1, 1))  # y (B, T, F); h, c (L*D, B, H)
+    parts = _per_device(with_masks, args, (None, 0, 1, 0, 0, 0), out_axes, DEVICES)
+    result = {"per_device": _compare(parts, sharded), "full": _compare(plain, sharded)}
+    result["hlo"] = _hlo(text)
+    result["output_spec"] = _batch_spec(sharded[0])
+    result["carry_specs"] = [_batch_spec(a) for a in sharded[1]]
+
+    def with_rng(variables, x, carry, lengths, reset, key, mesh=None):
         return lstm.apply(
             variables, x, carry, seq_lengths=lengths, reset=reset, deterministic=False,
             rngs={"dropout": key}, mesh=mesh,
         )
 
-    # unsafe_rbg: compiles in a fraction of threefry's time on CPU; the default threefry key
-    # gives bit-equal results as well (checked by hand), the masks being drawn the same way
-    args = (variables, x, carry, lengths, reset, jax.random.key(7, impl="unsafe_rbg"))
-    plain, sharded, text = _sharded_and_plain(run, args, mesh)
-    result = _compare(plain, sharded)
-    result["hlo"] = _hlo(text)
-    result["output_spec"] = _batch_spec(sharded[0])
-    result["carry_specs"] = [_batch_spec(a) for a in sharded[1]]
-    # the dropout really acted: the traced program draws random bits (tracing compiles nothing)
-    jaxpr = str(jax.make_jaxpr(run)(*args))
+    with jax.enable_x64(True):
+        # unsafe_rbg: compiles in a fraction of threefry's time on CPU; the default threefry
+        # key gives the same masks on the mesh as well (checked by hand)
+        args = (*_to((variables, x, carry), jnp.float64), lengths, reset,
+                jax.random.key(7, impl="unsafe_rbg"))
+        plain, sharded, text = _sharded_and_plain(with_rng, args, mesh)
+        result["float64"] = _compare(plain, sharded)
+        result["hlo_rng"] = _hlo(text)
+        # the dropout really acted: the traced program draws random bits (compiles nothing)
+        jaxpr = str(jax.make_jaxpr(with_rng)(*args))
     result["draws_dropout"] = "random_bits" in jaxpr or "rng_bit_generator" in jaxpr
     return result
 
@@ -128,39 +199,67 @@ def check_convlstm(mesh: Mesh) -> dict:
 
     # batch split over "batch" (half the devices), replicated over "replica"
     grid = Mesh(np.array(jax.devices()).reshape(DEVICES // 2, 2), ("batch", "replica"))
-    plain, sharded, text = _sharded_and_plain(run, (variables, x, carry, lengths, reset), grid)
-    result = _compare(plain, sharded)
+    args = (variables, x, carry, lengths, reset)
+    plain, sharded, text = _sharded_and_plain(run, args, grid)
+    out_axes = (1, (1, 1))  # y (T, B, H, W, C); h, c (L, B, H, W, C)
+    parts = _per_device(run, args, (None, 1, 1, 0, 1), out_axes, DEVICES // 2)
+    result = {"per_device": _compare(parts, sharded), "full": _compare(plain, sharded)}
     result["hlo"] = _hlo(text)
     result["output_spec"] = _batch_spec(sharded[0])
     result["carry_specs"] = [_batch_spec(a) for a in sharded[1]]
-    return result
+    return result  # float64: the LSTM's checks cover the driver both share
 
 
 def check_stateful(mesh: Mesh) -> dict:
-    """A ragged stream (chunks of 5, 6 and 2 steps, a row reset, lengths) on the mesh and off."""
+    """A ragged stream (chunks of 5, 6 and 2 steps, a row reset, lengths) on the mesh, against
+    one stream per device's rows (bitwise) and one stream over the whole batch (rounding)."""
     rng = np.random.default_rng(2)
     batch = 2 * DEVICES
     lstm = jax_impl.LSTM(8)
     x = _normal(rng, (batch, 13, 3))
     variables = _variables(lstm, x, rng)
     plain, sharded = jax_impl.Stateful(lstm, variables), jax_impl.Stateful(lstm, variables, mesh=mesh)
-    chunks, start, diffs, carry_specs, output_specs = [5, 6, 2], 0, [], [], []
+    rows = np.split(np.arange(batch), DEVICES)
+    quarters = [jax_impl.Stateful(lstm, variables) for _ in rows]
+    for stream in quarters[1:]:  # the same program on the same shapes: compiled once for all
+        stream.step = quarters[0].step
+    chunks, start, per_device, full, carry_specs, output_specs = [5, 6, 2], 0, [], [], [], []
     mask = np.arange(batch) % 3 == 0
     lengths = rng.integers(0, 3, batch).astype(np.int32)
     for k, n in enumerate(chunks):
         chunk = x[:, start : start + n]
         options = {"seq_lengths": lengths} if k == 2 else {}
         y_plain, y_sharded = plain(chunk, **options), sharded(chunk, **options)
-        diffs.append(_compare((y_plain, plain.carry), (y_sharded, sharded.carry)))
+        y_parts = [
+            stream(np.asarray(chunk)[r], **{name: a[r] for name, a in options.items()})
+            for stream, r in zip(quarters, rows)
+        ]
+        parts = (
+            np.concatenate([np.asarray(y) for y in y_parts]),
+            tuple(np.concatenate([np.asarray(s.carry[i]) for s in quarters], axis=1)
+                  for i in range(2)),
+        )  # fmt: skip
+        per_device.append(_compare(parts, (y_sharded, sharded.carry)))
+        full.append(_compare((y_plain, plain.carry), (y_sharded, sharded.carry)))
         carry_specs.append([_batch_spec(a) for a in sharded.carry])
         output_specs.append(_batch_spec(y_sharded))
         if k == 0:
             plain.reset(mask), sharded.reset(mask)
+            for stream, r in zip(quarters, rows):
+                stream.reset(mask[r])
             carry_specs.append([_batch_spec(a) for a in sharded.carry])  # after reset(mask)
         start += n
+
+    def merged(diffs: list[dict]) -> dict:
+        return {
+            "bitwise": all(d["bitwise"] for d in diffs),
+            "max_abs": max(d["max_abs"] for d in diffs),
+            "dtypes_equal": all(d["dtypes_equal"] for d in diffs),
+        }
+
     return {
-        "bitwise": all(d["bitwise"] for d in diffs),
-        "max_abs": max(d["max_abs"] for d in diffs),
+        "per_device": merged(per_device),
+        "full": merged(full),
         "carry_specs": carry_specs,
         "output_specs": output_specs,
         "compilations": sharded.compilations,
@@ -168,8 +267,10 @@ def check_stateful(mesh: Mesh) -> dict:
 
 
 def check_backward(mesh: Mesh) -> dict:
-    """Gradients through the split program: equal to one device's (the weight gradients are
-    summed over devices, so only to rounding), and summed once, after the time loop."""
+    """Gradients through the split program. The input gradient's rows never mix: bitwise
+    against one device per row block. The weight gradients are summed over devices (an
+    all-reduce whose order XLA chooses), so against the one-device run: rounding only; and
+    summed once, after the time loop."""
     rng = np.random.default_rng(3)
     lstm = jax_impl.LSTM(8)
     x = _normal(rng, (2 * DEVICES, 6, 3))
@@ -179,11 +280,18 @@ def check_backward(mesh: Mesh) -> dict:
         y, (h, c) = lstm.apply(variables, x, mesh=mesh)
         return jnp.sum(y**2) + jnp.sum(h * c)
 
-    grad = jax.grad(loss)
+    grad = jax.grad(loss, argnums=(0, 1))
     plain, sharded, text = _sharded_and_plain(grad, (variables, x), mesh)
-    result = _compare(plain, sharded)
-    result["scale"] = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(plain))
-    result["hlo"] = _hlo(text)
+    x_parts = _per_device(lambda v, x: grad(v, x)[1], (variables, x), (None, 0), 0, DEVICES)
+    result = {
+        "per_device": _compare(x_parts, sharded[1]),  # the input gradient
+        "full": _compare(plain, sharded),
+        "hlo": _hlo(text),
+    }
+    with jax.enable_x64(True):
+        args = _to((variables, x), jnp.float64)
+        f64 = jax.jit(grad, static_argnames="mesh")
+        result["float64"] = _compare(f64(*args), f64(*args, mesh=mesh))
     return result
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,8 @@ import jax_impl
 import torch_impl
 from parity import compare, stream_to_jax, stream_to_torch, to_jax, to_torch
 from parity.checkpoint import load_stream, save_stream
-from parity.convert import state_to_jax, spec_for_torch
-
+from parity.convert import spec_for_torch, state_to_jax
 from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
-
 
 # ------------------------------------------------------------------------------ fixtures
 # Built once and shared: none of the failing calls below changes them. Weights come from

@@ -16,7 +16,7 @@ shorter versions in the default run.
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import torch
 import jax_impl
 import torch_impl
 from parity import stream_to_jax
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 B, F, H = 2, 3, 8
 CHUNK = 1000
@@ -41,9 +42,6 @@ DRIFT_BOUND = 1e-5
 # The memory streams run 100k steps in the default run (~2 s torch, ~7 s JAX on a busy
 # 2-core machine); the longer float32-drift and ConvLSTM streams are marked slow.
 STREAM_STEPS = 100_000
-
-
-from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -1,5 +1,9 @@
 """``mesh=``: data parallelism over the batch equals the one-device run, with no collective.
 
+"Equals": bit for bit the one-device program run on each device's rows (the same program on
+the same shapes); within rounding the one-device run on the whole batch (other matmul shapes,
+so other kernels), float32 and float64.
+
 The multi-device checks run in one subprocess (``tests/sharding_script.py``) with 4 forced CPU
 devices: the device count must be set before JAX starts its backend, and the rest of the suite
 keeps its single device. The HLO parser and the argument checks are tested here in-process.
@@ -19,14 +23,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jax_impl
-from jax_impl.sharding import (
-    batch_spec,
-    check_batch,
-    collectives,
-    loop_collectives,
-    resolve_mesh,
-    with_mesh,
-)
+from jax_impl.sharding import batch_spec, check_batch, resolve_mesh, with_mesh
+
+from hlo import collectives, loop_collectives
 
 SCRIPT = Path(__file__).with_name("sharding_script.py")
 DEVICES = 4
@@ -47,48 +46,68 @@ def results() -> dict:
     return results
 
 
-def _equal_to_one_device(result: dict) -> None:
-    assert result["dtypes_equal"]
-    assert result["max_abs"] <= 1e-6, result
-    assert result["bitwise"], f"not bit for bit: max abs difference {result['max_abs']}"
+# What the platform promises (see tests/sharding_script.py): the mesh runs each device's rows
+# through the one-device program, so it equals that program run on the same row blocks bit for
+# bit. The one-device run on the whole batch multiplies other shapes, and XLA:CPU picks kernels
+# by shape and CPU: equal only to rounding (6e-8 in float32 on a 2-core AVX2 EPYC).
+F32_ATOL = 1e-5  # DESIGN.md's float32 bound, ~40 ulps at the largest values here (~2.7)
+F32_GRAD_RTOL = 1e-5  # weight gradients, relative to the largest: ten times below DESIGN.md's
+F64_RTOL = 1e-14  # float64, relative to the largest value: ~50 ulps
+
+
+def _equal_to_one_device(result: dict, f32_bound: float, float64: bool = False) -> None:
+    """Bitwise against the per-device runs; within ``f32_bound`` (max abs) of the full-batch
+    one-device run; with ``float64``, within ``F64_RTOL`` of it in float64 too."""
+    per_device, full = result["per_device"], result["full"]
+    assert per_device["dtypes_equal"] and full["dtypes_equal"]
+    assert per_device["bitwise"], f"not bit for bit: max abs difference {per_device['max_abs']}"
+    assert full["max_abs"] <= f32_bound, full
+    if float64:
+        f64 = result["float64"]
+        assert f64["dtypes"] == ["float64"], f64
+        assert f64["max_abs"] <= F64_RTOL * max(1.0, f64["scale"]), f64
 
 
 def test_lstm_on_mesh_equals_one_device(results):
-    """2 layers, bidirectional, proj_size, seq_lengths, reset, dropout: bit for bit."""
+    """2 layers, bidirectional, proj_size, seq_lengths, reset, dropout (given masks in float32,
+    the dropout rng in float64: the same masks on the mesh)."""
     result = results["lstm"]
     assert result["draws_dropout"]
-    _equal_to_one_device(result)
+    _equal_to_one_device(result, F32_ATOL, float64=True)
     assert result["output_spec"] == ["batch", None, None]  # (B, T, F): split along B
     assert result["carry_specs"] == [[None, "batch", None]] * 2  # (L*D, B, H)
 
 
 def test_convlstm_on_two_axis_mesh_equals_one_device(results):
     result = results["convlstm"]
-    _equal_to_one_device(result)
+    _equal_to_one_device(result, F32_ATOL)
     assert result["output_spec"] == [None, "batch", None, None, None]  # time-major
     assert result["carry_specs"] == [[None, "batch", None, None, None]] * 2  # (L, B, H, W, C)
 
 
 def test_stateful_stream_on_mesh_equals_one_device_and_keeps_carry_sharded(results):
     result = results["stateful"]
-    assert result["bitwise"] and result["max_abs"] == 0.0, result
+    _equal_to_one_device(result, F32_ATOL)
     # after every chunk and after reset(mask): split along the batch, never gathered
     assert result["carry_specs"] == [[[None, "batch", None]] * 2] * 4
     assert result["output_specs"] == [["batch", None, None]] * 3
     assert result["compilations"] == 1  # bucket 6 (chunks of 5 and 6); the 2 borrows it
 
 
-@pytest.mark.parametrize("model", ["lstm", "convlstm"])
-def test_no_collective_in_the_time_loop(results, model):
-    hlo = results[model]["hlo"]
+@pytest.mark.parametrize("model, program", [("lstm", "hlo"), ("lstm", "hlo_rng"),
+                                            ("convlstm", "hlo")])
+def test_no_collective_in_the_time_loop(results, model, program):
+    hlo = results[model][program]
     assert hlo["while_loops"] >= 1  # the scans were found: the check below saw them
     assert hlo["in_loops"] == []
     assert hlo["anywhere"] == []  # nor anywhere else in the forward program
 
 
 def test_gradients_on_mesh_equal_one_device_and_are_summed_after_the_loop(results):
+    """The input gradient bitwise per device (its rows never mix); the weight gradients, an
+    all-reduce over devices in an order XLA picks, within rounding of the one-device run."""
     result = results["backward"]
-    assert result["dtypes_equal"] and result["max_abs"] <= 1e-6 * max(1.0, result["scale"]), result
+    _equal_to_one_device(result, F32_GRAD_RTOL * max(1.0, result["full"]["scale"]), float64=True)
     hlo = result["hlo"]
     assert hlo["while_loops"] >= 2  # forward and backward scans
     assert hlo["in_loops"] == []  # no all-reduce per time step
@@ -178,5 +197,6 @@ def test_one_device_mesh_equals_no_mesh_and_with_mesh_is_a_static_port():
     assert hash(port) == hash(with_mesh(lstm, mesh)) and port.hidden_size == 4
     plain = jax.jit(lstm.apply)(variables, x)
     sharded = jax.jit(port.apply)(variables, x)
+    # one device holds the whole batch: the same program on the same shapes, bit for bit
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(sharded)):
         np.testing.assert_array_equal(a, b)

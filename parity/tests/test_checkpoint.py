@@ -1,8 +1,9 @@
 """Resumable streams (``parity.checkpoint``): save mid-sequence, resume in a new process.
 
-Same framework: the continuation equals an uninterrupted run bit for bit. Across frameworks:
-within DESIGN.md's bounds (float64 1e-12, float32 1e-5). Crashes mid-save keep the previous
-file; truncated, corrupted or mismatched files are a clear ValueError.
+Same framework (and machine: the same program on the same shapes): the continuation equals an
+uninterrupted run bit for bit. Across frameworks: within DESIGN.md's bounds (float64 1e-12,
+float32 1e-5). Crashes mid-save keep the previous file; truncated, corrupted or mismatched
+files are a clear ValueError.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def test_resume_in_a_new_process_same_framework_bitwise_other_framework_within_b
         for name in ("y", "h", "c"):
             assert got[name].dtype == np.dtype(case.dtype), (key, name)
             assert got[name].shape == ref[name].shape, (key, name)
-            if framework == case.source:
+            if framework == case.source:  # the same program on the same chunks, CPU, threads
                 assert np.array_equal(got[name], ref[name]), f"{key} {name} not bit for bit"
             else:
                 err = float(np.max(np.abs(got[name] - ref[name])))

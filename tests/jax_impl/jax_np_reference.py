@@ -16,7 +16,7 @@ step and row by row, from the contract in DESIGN.md:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -89,8 +89,8 @@ def np_stack(
     xs: np.ndarray,
     h0: np.ndarray,
     c0: np.ndarray,
-    lengths: Optional[Sequence[int]] = None,
-    reset: Optional[np.ndarray] = None,
+    lengths: Sequence[int] | None = None,
+    reset: np.ndarray | None = None,
 ):
     """torch.nn.LSTM's stack, row by row and step by step.
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def japply(module):
     """``jax.jit(module.apply)`` (``deterministic`` static) with numpy results, one per module."""
     jitted = jax.jit(module.apply, static_argnames=("deterministic",))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jax_impl import LSTM, ConvLSTM, scan
+
 from jax_test_helpers import init_variables
 
 RTOL_F64 = 1e-12

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import ConvLSTM, ConvLSTMCell, LSTM, LSTMCell
+from jax_impl import LSTM, ConvLSTM, ConvLSTMCell, LSTMCell
 from jax_impl.functional import ConvWeights, DenseWeights, convlstm_step, lstm_step
+
 from jax_np_reference import np_conv_same, np_convlstm_cell, np_lstm_cell, torch_same_pads
 from jax_test_helpers import init_variables, japply, shapes_of
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jax_impl import LSTM, ConvLSTM
+
 from jax_test_helpers import init_variables
 
 B, T, F, H = 3, 5, 2, 4

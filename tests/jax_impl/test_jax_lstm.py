@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jax_impl import LSTM, ConvLSTM
+
 from jax_np_reference import layer_params, np_lstm_cell, np_stack
 from jax_test_helpers import init_variables, japply
 

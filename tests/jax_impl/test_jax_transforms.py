@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jax_impl import LSTM, ConvLSTM
+
 from jax_test_helpers import init_variables, japply, to_numpy
 
 F32_ATOL = 1e-6

@@ -9,7 +9,14 @@ import optax
 import pytest
 
 import jax_impl
-from jax_impl import LSTM, ConvLSTM, clip_by_global_norm_torch, make_tbptt_step, mse_loss, remat_apply
+from jax_impl import (
+    LSTM,
+    ConvLSTM,
+    clip_by_global_norm_torch,
+    make_tbptt_step,
+    mse_loss,
+    remat_apply,
+)
 
 B, T, F, H = 2, 6, 3, 4
 

@@ -140,6 +140,7 @@ def test_chunked_equals_full_bitwise(seed):
     for a, b in zip(bounds, bounds[1:]):
         y, hx = m(x.narrow(time_dim, a, b - a), hx)
         outs.append(y)
+    # bitwise: ConvLSTM2d convolves step by step, (B, C, H, W) in both runs, never B*T frames
     assert torch.equal(torch.cat(outs, time_dim), out)
     assert torch.equal(hx[0], h_n) and torch.equal(hx[1], c_n)
 

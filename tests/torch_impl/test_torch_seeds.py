@@ -12,7 +12,6 @@ import torch.nn as nn
 
 import torch_impl
 
-
 # --- seed 004, example 1 and 2: hand-written stateful modules -------------------------------
 
 

@@ -166,7 +166,7 @@ def test_truncated_bptt_training_learns_a_delay():
     head = nn.Linear(8, 1)
     opt = torch.optim.Adam([*stream.parameters(), *head.parameters()], lr=0.03)
     losses = []
-    for epoch in range(12):
+    for _ in range(12):
         seq = torch.randn(4, 21, 1)
         stream.reset_states()
         for a in range(1, 21, 5):
