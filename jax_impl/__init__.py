@@ -8,7 +8,7 @@ are ``jax_impl.sharding``.
 
 # first: CARRYOVER_SMALL_LOOP_KERNELS must reach XLA_FLAGS before JAX starts its backends
 from ._xla_cpu import enable_small_loop_kernels, small_loop_kernels_enabled  # noqa: I001
-from . import functional, sharding
+from . import functional, sharding  # noqa: F401  (submodules reachable as attributes)
 from .cells import LSTMState
 from .linen import GRU, LSTM, RNN, ConvLSTM, ConvLSTMCell, GRUCell, LSTMCell, RNNCell
 from .stateful import Stateful

@@ -231,7 +231,7 @@ def _conv_hidden(weights: ConvWeights, h: Array, dilation, precision) -> Array:
     return conv_gates(weights.hh_kernel, weights.hh_bias, h, dilation, precision)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_parts(
     kind: str = "lstm", precision: PrecisionLike = None, projection: bool = False
 ) -> CellParts:
@@ -252,7 +252,7 @@ def dense_parts(
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_parts(
     kind: str = "lstm", dilation: tuple[int, int] = (1, 1), precision: PrecisionLike = None
 ) -> CellParts:

@@ -39,7 +39,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -251,12 +251,38 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: PathLike, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` atomically: all of it or, after a crash, the old file.
+@contextlib.contextmanager
+def atomic_replace(path: PathLike) -> Iterator[str]:
+    """Yields a temporary file name beside ``path``; once the block has written it, the file is
+    fsynced and renamed over ``path`` (all of it or, after a crash, the old file). On any
+    error the temporary file is removed and the error re-raised.
 
-    A temporary file in the same directory (so ``os.replace`` is a rename on one file
-    system) is written, flushed and fsynced, then renamed over ``path``; on any error it is
-    removed and the error re-raised.
+    The same directory makes ``os.replace`` a rename on one file system.
+
+    Example:
+        >>> with atomic_replace("state.bin") as tmp:
+        ...     _ = open(tmp, "wb").write(b"...")
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes it 0600
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def atomic_write(path: PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (see ``atomic_replace``).
 
     Arguments:
         path: the destination.
@@ -266,27 +292,14 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
         ``path`` as a ``Path``.
 
     Example:
-        >>> atomic_write("state.bin", b"...")
+        >>> atomic_write("state.bin", b"...").name
+        'state.bin'
     """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes it 0600
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            view = memoryview(data)
-            for start in range(0, len(view), _CHUNK_BYTES):
-                _write_chunk(file, view[start : start + _CHUNK_BYTES])
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-    return path
+    with atomic_replace(path) as tmp, open(tmp, "wb") as file:
+        view = memoryview(data)
+        for start in range(0, len(view), _CHUNK_BYTES):
+            _write_chunk(file, view[start : start + _CHUNK_BYTES])
+    return Path(path)
 
 
 def save_stream(stream: Any, path: PathLike, *, position: Optional[int] = None) -> Path:

@@ -220,7 +220,7 @@ def jax_params_as_torch(jax_module: Any, variables: Any) -> dict[str, np.ndarray
 def params_tree_as_torch(spec: ModuleSpec, options: dict, variables: Any) -> dict[str, np.ndarray]:
     """A params pytree in jax_impl's structure, for the module ``spec`` with ``options``, under
     torch's names and layouts; a ValueError names missing and unexpected paths."""
-    params = variables["params"] if "params" in variables else variables
+    params = variables.get("params", variables)
     flat = _flatten(dict(params))
     rules = expand_rules(spec, **options)
     torch_name = {"/".join(path): name for name, path, _ in rules}

@@ -32,8 +32,8 @@ import contextlib
 import pickle
 import re
 import sys
-import warnings
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional

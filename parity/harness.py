@@ -22,7 +22,6 @@ import torch
 import torch_impl
 
 from .convert import (
-    numpy_to_tensor,
     params_tree_as_torch,
     spec_for_torch,
     tensor_to_numpy,

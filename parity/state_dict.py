@@ -38,7 +38,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .checkpoint import atomic_replace
 from .convert import jax_params_as_torch, spec_for_jax, to_jax, to_torch
 from .mapping import SPECS
 
@@ -687,24 +687,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: PathLike, metadata
         >>> write_safetensors({"a": torch.zeros(2)}, path, {"format": "pt"}).name
         't.safetensors'
     """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes it 0600
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_replace(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return Path(path)
 
 
 def save_converted(converted: Converted, path: PathLike, *, target: Optional[str] = None) -> Path:
@@ -844,7 +829,6 @@ def load_converted(path: PathLike, *, target: Optional[str] = None) -> Converted
             raise ValueError(f"{name} has corrupted metadata ({error!r})") from None
         target = target or metadata.get("target", "linen")
         keys = list(reader.keys())
-        untouched_set = set(untouched_names)
         prefixes = sorted(configs, key=len, reverse=True)
         flat: dict[str, dict] = {prefix: {} for prefix in configs}
         for key in keys:

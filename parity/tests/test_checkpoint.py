@@ -65,8 +65,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
-
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401, E402  (autouse)
 
 # ------------------------------------------------------------------------------ helpers
 

@@ -61,8 +61,7 @@ def examples(ci: int) -> settings:
     return settings(max_examples=max(200, settings.default.max_examples))
 
 
-from parity.tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
-
+from parity.tests.torch_threads import one_torch_thread  # noqa: F401, E402  (autouse)
 
 BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
 # Small sets: a configuration drawn twice reuses its compiled programs.
