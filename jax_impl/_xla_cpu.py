@@ -55,8 +55,8 @@ def enable_small_loop_kernels(threshold_bytes: int = SMALL_WHILE_LOOP_BYTES) -> 
 
     Example:
         >>> import jax_impl
-        >>> jax_impl.enable_small_loop_kernels()      # first, before any JAX computation
-        >>> stream = jax_impl.Stateful(lstm, variables)
+        >>> jax_impl.enable_small_loop_kernels()  # doctest: +SKIP
+        True
     """
     if not isinstance(threshold_bytes, int) or isinstance(threshold_bytes, bool):
         raise TypeError(f"threshold_bytes must be an int, got {type(threshold_bytes).__name__}")

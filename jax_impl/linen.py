@@ -106,6 +106,20 @@ _CALL_DOC = """
 """
 
 
+def _check_channels_last(variables, x: Array) -> None:
+    """A channels-first frame (torch's ``(C, H, W)``) given to a channels-last ConvLSTM would
+    otherwise be reported as a kernel shape mismatch: name the layout instead."""
+    kernel = variables.get("params", {}).get("layer_0", {}).get("ih_kernel")
+    if kernel is None or kernel.shape[-2] == x.shape[-1]:
+        return
+    if x.shape[-3] == kernel.shape[-2]:
+        raise ValueError(
+            f"input has shape {tuple(x.shape)}: it looks channels-first (..., C, H, W) with "
+            f"C={x.shape[-3]}, but the JAX ConvLSTM is channels-last (..., H, W, C); move the "
+            f"channel axis last (jnp.moveaxis(x, -3, -1))"
+        )
+
+
 class _Recurrent(nn.Module):
     """What the sequence modules share: the call, given the cell and the parameter tables.
 
@@ -153,6 +167,8 @@ class _Recurrent(nn.Module):
         x = check_input(x, (1 + config.feature_rank, 2 + config.feature_rank),
                         type(self).__name__)
         layout = SequenceLayout(x, self.time_major, config.feature_rank)
+        if config.feature_rank == 3:
+            _check_channels_last(self.variables, x)
         layer_weights = self._layer_weights(x.shape[-1])
         dropping = not deterministic and config.dropout > 0.0 and config.num_layers > 1
         return run_sequence(

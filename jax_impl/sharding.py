@@ -10,11 +10,12 @@ The batch must divide evenly among the devices of the batch axis: an uneven batc
 padded rows, if you need another size). Unbatched input cannot be split: also a ``ValueError``.
 
 Example:
-    >>> import numpy as np
+    >>> import functools
     >>> from jax.sharding import Mesh
+    >>> from jax_impl import LSTM
     >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
-    >>> lstm = LSTM(hidden_size=64)
-    >>> x = jnp.ones((8 * len(jax.devices()), 100, 16))
+    >>> lstm = LSTM(hidden_size=8)
+    >>> x = jnp.ones((2 * len(jax.devices()), 5, 4))
     >>> variables = lstm.init(jax.random.key(0), x)
     >>> y, (h, c) = lstm.apply(variables, x, mesh=mesh)           # y split along the batch
     >>> apply = jax.jit(functools.partial(lstm.apply, mesh=mesh))  # the mesh is static
@@ -65,6 +66,8 @@ def resolve_mesh(mesh: MeshLike, batch_axis: BatchAxis = "batch") -> Mesh:
 
     Example:
         >>> mesh = resolve_mesh(Mesh(np.array(jax.devices()), ("batch",)))
+        >>> mesh.axis_names
+        ('batch',)
     """
     if isinstance(mesh, NamedSharding):
         mesh = mesh.mesh
@@ -96,7 +99,8 @@ def check_batch(batch: Optional[int], mesh: Mesh, batch_axis: BatchAxis = "batch
     """Raises ValueError unless a batch of ``batch`` rows (None: unbatched) splits evenly.
 
     Example:
-        >>> check_batch(6, mesh)   # ValueError on a 4-device batch axis, fine on 2 or 3
+        >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
+        >>> check_batch(6 * len(jax.devices()), mesh)   # 5 rows on 2 devices: ValueError
     """
     devices = batch_devices(mesh, batch_axis)
     if batch is None:
@@ -130,7 +134,9 @@ def batch_sharding(
     """The ``NamedSharding`` of a rank-``ndim`` array split along ``batch_dim``.
 
     Example:
-        >>> carry_sharding = batch_sharding(mesh, 3, batch_dim=1)   # (L*D, B, H)
+        >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
+        >>> batch_sharding(mesh, 3, batch_dim=1).spec   # a carry (L*D, B, H)
+        P(None, 'batch')
     """
     return NamedSharding(mesh, batch_spec(ndim, batch_dim, batch_axis))
 
@@ -146,8 +152,10 @@ def shard_batch(x: Any, mesh: MeshLike, batch_dim: int = 0, batch_axis: BatchAxi
         The same pytree of sharded ``jax.Array``s.
 
     Example:
+        >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
         >>> x = shard_batch(np.ones((8, 100, 16), np.float32), mesh)     # (B, T, F)
-        >>> carry = shard_batch(lstm.initialize_carry((8,)), mesh, batch_dim=1)
+        >>> x.sharding.spec
+        P('batch',)
     """
     mesh = resolve_mesh(mesh, batch_axis)
     return jax.tree_util.tree_map(
@@ -159,7 +167,8 @@ def replicate(tree: Any, mesh: MeshLike) -> Any:
     """A copy of every array of ``tree`` on every device of ``mesh`` (parameters).
 
     Example:
-        >>> variables = replicate(variables, mesh)
+        >>> mesh = Mesh(np.array(jax.devices()), ("batch",))
+        >>> params = replicate({"w": jnp.ones(3)}, mesh)
     """
     mesh = mesh.mesh if isinstance(mesh, NamedSharding) else mesh
     if not isinstance(mesh, Mesh):
@@ -253,9 +262,11 @@ class ShardedModule:
     the module's. ``jax_impl.Stateful`` unwraps it and keeps its carry on the mesh.
 
     Example:
-        >>> port = with_mesh(lstm, mesh)
+        >>> from jax_impl import LSTM
+        >>> lstm, x = LSTM(hidden_size=8), jnp.ones((2 * len(jax.devices()), 5, 4))
+        >>> variables = lstm.init(jax.random.key(0), x)
+        >>> port = with_mesh(lstm, Mesh(np.array(jax.devices()), ("batch",)))
         >>> y, carry = port.apply(variables, x)         # == lstm.apply(variables, x, mesh=mesh)
-        >>> report = parity.compare(torch_lstm, x_torch, jax_module=port, variables=variables)
     """
 
     module: Any
@@ -277,6 +288,9 @@ def with_mesh(module: Any, mesh: MeshLike, batch_axis: BatchAxis = "batch") -> S
     """``module`` with its ``apply`` split along the batch over ``mesh`` (see ``ShardedModule``).
 
     Example:
-        >>> y, carry = with_mesh(lstm, mesh).apply(variables, x)
+        >>> from jax_impl import LSTM
+        >>> lstm, x = LSTM(hidden_size=8), jnp.ones((2 * len(jax.devices()), 5, 4))
+        >>> variables = lstm.init(jax.random.key(0), x)
+        >>> y, carry = with_mesh(lstm, Mesh(np.array(jax.devices()), ("batch",))).apply(variables, x)
     """
     return ShardedModule(module, resolve_mesh(mesh, batch_axis), batch_axis)

@@ -88,6 +88,7 @@ class Stateful:
     counts the programs the step has compiled.
 
     Example:
+        >>> from jax_impl import LSTM
         >>> lstm = LSTM(hidden_size=64)
         >>> variables = lstm.init(jax.random.key(0), jnp.ones((8, 16, 32)))
         >>> stream = Stateful(lstm, variables)

@@ -37,7 +37,8 @@ def mse_loss(prediction: Array, target: Array) -> Array:
     """Mean squared error over every element (torch's ``F.mse_loss``, reduction ``'mean'``).
 
     Example:
-        >>> mse_loss(jnp.ones((2, 3)), jnp.zeros((2, 3)))   # 1.0
+        >>> float(mse_loss(jnp.ones((2, 3)), jnp.zeros((2, 3))))
+        1.0
     """
     return jnp.mean(jnp.square(prediction - target))
 
@@ -95,6 +96,7 @@ def remat_apply(module: Any, variables: Any, x: Array, carry: Any = None, **kwar
         ``(y, (h_n, c_n))`` as ``module.apply``.
 
     Example:
+        >>> from jax_impl import LSTM
         >>> lstm = LSTM(hidden_size=8)
         >>> variables = lstm.init(jax.random.key(0), jnp.ones((2, 512, 4)))
         >>> y, carry = remat_apply(lstm, variables, jnp.ones((2, 512, 4)))
@@ -136,6 +138,7 @@ def make_tbptt_step(
         ``rng``: a key enables the module's dropout (``deterministic=False``).
 
     Example:
+        >>> from jax_impl import LSTM
         >>> lstm = LSTM(hidden_size=16)
         >>> variables = lstm.init(jax.random.key(0), jnp.ones((4, 32, 3)))
         >>> tx = optax.adam(1e-3)

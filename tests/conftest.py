@@ -45,3 +45,7 @@ def register_hypothesis_profiles() -> str:
 
 
 register_hypothesis_profiles()
+
+# run as a script in a subprocess (it forces several host devices before JAX starts): never
+# imported into the test process, not even by --doctest-modules
+collect_ignore = ["sharding_script.py"]
