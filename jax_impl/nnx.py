@@ -74,6 +74,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ initialisation
 
+
 def _host_uniform(key_data: Any, size: int, bound: float, dtype: Any) -> np.ndarray:
     """``size`` values uniform in [-bound, bound], numpy's PCG64 seeded with the key's words."""
     generator = np.random.default_rng([int(word) for word in np.asarray(key_data).ravel()])
