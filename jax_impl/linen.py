@@ -440,6 +440,11 @@ class _Cell(nn.RNNCellBase):
         weights = self._weights_type(**declare_params(
             self, self._shapes(x.shape[-1]), self._bound(), self.param_dtype
         ))
+        return self._step(weights, carry, x)
+
+    @nn.nowrap
+    def _step(self, weights: Any, carry: Any, x: Array) -> tuple[Any, Array]:
+        """The step from the declared weights (``jax_impl.nnx``'s cells call it too)."""
         dtype = computation_dtype(self.dtype, x, weights)
         carry = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
         return self._cell()(cast_weights(weights, dtype), carry, x.astype(dtype))

@@ -9,6 +9,7 @@ time runs in a larger one already compiled, so a ragged last chunk compiles noth
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Optional
 
 import jax
@@ -70,7 +71,8 @@ class Stateful:
 
     Arguments:
         module: a ``jax_impl`` sequence module: ``LSTM``, ``GRU``, ``RNN`` or ``ConvLSTM``.
-        variables: its variables (``{'params': ...}``).
+        variables: its variables (``{'params': ...}``); omitted for a ``jax_impl.nnx`` module
+            (``nnx.split`` takes its state when the stream is made; dropout stays off).
         carry: the initial carry (``LSTMState(h, c)``, or ``h`` for a GRU / RNN); None starts
             from zeros at the first chunk.
         mesh: a ``jax.sharding.Mesh`` (or ``NamedSharding``) to stream data-parallel: the
@@ -103,7 +105,7 @@ class Stateful:
     def __init__(
         self,
         module: nn.Module,
-        variables: Any,
+        variables: Any = None,
         carry: Any = None,
         *,
         mesh: Optional[MeshLike] = None,
@@ -111,6 +113,14 @@ class Stateful:
     ):
         if isinstance(module, ShardedModule) and mesh is None:
             module, mesh, batch_axis = module.module, module.mesh, module.batch_axis
+        if _is_nnx_module(module):  # its own variables: nnx.split, and Linen's apply
+            from .nnx import LinenView  # noqa: PLC0415 - flax.nnx only when it is in use
+
+            module = LinenView(module)
+            variables = module.state if variables is None else variables
+        elif variables is None:
+            raise TypeError("Stateful needs the variables of a Linen module: "
+                            "Stateful(module, variables)")
         if not all(hasattr(module, a) for a in ("time_major", "carry_shapes", "feature_rank")):
             raise TypeError(
                 f"Stateful needs a jax_impl LSTM, GRU, RNN or ConvLSTM, got "
@@ -311,6 +321,11 @@ class Stateful:
         if padded != num_steps:
             y = jax.lax.slice_in_dim(y, 0, num_steps, axis=time_axis)
         return y
+
+def _is_nnx_module(module: Any) -> bool:
+    nnx = sys.modules.get("flax.nnx")  # imported wherever an NNX module exists
+    return nnx is not None and isinstance(module, nnx.Module)
+
 
 def _check_mask(mask, batch: Optional[int]) -> Array:
     mask = np.asarray(mask)

@@ -27,6 +27,7 @@ def _run(script: str, out: Path, *args: str) -> str:
     [
         ("forecast_tbptt.py", "forecast_tbptt.png", ("--steps", "12", "--chunks", "4")),
         ("convlstm_moving_shapes.py", "convlstm_moving_shapes.png", ("--steps", "8", "--size", "12")),
+        ("nnx_tbptt.py", "nnx_tbptt.png", ("--steps", "12")),
     ],
 )
 def test_example_trains_and_plots(tmp_path, script, png, args):
