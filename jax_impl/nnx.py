@@ -37,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import math
 from collections.abc import Mapping
@@ -305,10 +307,10 @@ class _Recurrent(nnx.Module):
             in_features = config.num_directions * config.output
         self.rngs = nnx.data(None)
         if config.dropout > 0.0 and config.num_layers > 1:
-            try:
-                self.rngs = rngs["dropout"].fork()  # as nnx.Dropout: a stream of its own
-            except KeyError:  # no 'dropout' (nor default) stream: a call must bring one
-                pass
+            # as nnx.Dropout: a stream of its own; with no 'dropout' (nor default) stream, a
+            # call must bring one
+            with contextlib.suppress(KeyError):
+                self.rngs = rngs["dropout"].fork()
 
     # -- the Linen module's interface ------------------------------------------------
 

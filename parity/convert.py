@@ -7,6 +7,7 @@ equal state_dicts, bit for bit, dtypes included.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Optional
 
 import jax
@@ -59,6 +60,7 @@ def spec_for_torch(module: Any) -> ModuleSpec:
 
 
 def spec_for_jax(module: Any) -> ModuleSpec:
+    module = as_linen(module)[0]
     for spec in SPECS:
         if type(module) is _resolve(spec.jax_class):
             return spec
@@ -137,7 +139,7 @@ def _check_keys(expected: set, got: set, what: str) -> None:
         raise ValueError(f"{what}: {'; '.join(parts)}")
 
 
-TARGETS = ("linen",)
+TARGETS = ("linen", "nnx")
 
 
 def to_jax(
@@ -148,7 +150,9 @@ def to_jax(
     Arguments:
         torch_module: nn.LSTM, nn.GRU, nn.RNN, their cells, torch_impl.ConvLSTM2d /
             ConvLSTMCell, or a torch_impl stateful module wrapping one of them.
-        target: which JAX library's module to build; ``"linen"``: carryover's Linen modules.
+        target: which JAX module to build: ``"linen"``, carryover's Linen modules (returned
+            with their variables), or ``"nnx"``, carryover's ``jax_impl.nnx`` modules (which
+            hold their parameters: the variables returned are None).
         time_major: the JAX module's layout; default the torch module's (``not batch_first``,
             which is False for nn.LSTM/GRU/RNN unless set): pass ``time_major=False`` when
             your JAX data is ``(B, T, ...)`` while the torch module is time-major.
@@ -196,8 +200,40 @@ def to_jax(
             config[rule.jax] = rule.to_jax(value) if rule.to_jax else value
     if time_major is not None and "time_major" in config:
         config["time_major"] = bool(time_major)
+    if target == "nnx":
+        return _nnx_module(spec, config, params, state, jnp.dtype(dtype)), None
     jax_module = _resolve(spec.jax_class)(**config, param_dtype=jnp.dtype(dtype))
     return jax_module, {"params": params}
+
+
+def _nnx_module(spec: ModuleSpec, config: dict, params: dict, state: dict, dtype) -> Any:
+    """The ``jax_impl.nnx`` twin of ``spec.jax_class`` with these parameters."""
+    from flax import nnx
+
+    from jax_impl import nnx as jax_nnx
+
+    sizes = spec.torch_sizes(state)  # input_size / input_channels, from the weights
+    module = getattr(jax_nnx, spec.jax_class.rpartition(".")[2])(
+        **sizes, **config, param_dtype=dtype, rngs=nnx.Rngs(0)
+    )
+    jax_nnx.load_linen_params(module, params)
+    return module
+
+
+def is_nnx(module: Any) -> bool:
+    """Whether ``module`` is a ``jax_impl.nnx`` module (without importing flax.nnx otherwise)."""
+    nnx_module = sys.modules.get("jax_impl.nnx")
+    return nnx_module is not None and isinstance(module, (nnx_module._Recurrent, nnx_module._Cell))
+
+
+def as_linen(module: Any, variables: Any = None) -> tuple[Any, Any]:
+    """``(linen_module, variables)`` of a ``jax_impl.nnx`` module (its Linen twin and
+    parameters); a Linen module and its variables are returned as they are."""
+    if not is_nnx(module):
+        return module, variables
+    from jax_impl.nnx import nnx_params_as_linen
+
+    return module.linen, {"params": nnx_params_as_linen(module)}
 
 
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
@@ -246,13 +282,19 @@ def torch_options(torch_module: nn.Module) -> dict:
     return _options(spec_for_torch(torch_module), lambda name: getattr(torch_module, name))
 
 
-def to_torch(jax_module: Any, variables: Any, device: Optional[torch.device] = None) -> nn.Module:
+def to_torch(
+    jax_module: Any, variables: Any = None, device: Optional[torch.device] = None
+) -> nn.Module:
     """The exact inverse of ``to_jax``: a torch module with the same weights, bit for bit.
+
+    ``jax_module`` is a carryover Linen module with its ``variables``, or a ``jax_impl.nnx``
+    module (variables None: it holds them).
 
     Example:
         >>> module, variables = to_jax(torch.nn.LSTM(8, 16))
         >>> lstm = to_torch(module, variables)          # an nn.LSTM equal to the original
     """
+    jax_module, variables = as_linen(jax_module, variables)
     spec = spec_for_jax(jax_module)
     arrays = jax_params_as_torch(jax_module, variables)
     get = _torch_getter(spec, jax_module)
@@ -315,10 +357,11 @@ def state_to_torch(spec: ModuleSpec, carry: Any) -> Any:
     return tensors if spec.cell_state else tensors[0]
 
 
-def stream_to_jax(stateful: Any) -> jax_impl.Stateful:
+def stream_to_jax(stateful: Any, *, target: str = "linen") -> jax_impl.Stateful:
     """A torch_impl stateful module as a ``jax_impl.Stateful`` that continues its stream.
 
-    Works for the stateful LSTM, GRU, RNN and ConvLSTM (and ``StatefulWrapper`` around them).
+    Works for the stateful LSTM, GRU, RNN and ConvLSTM (and ``StatefulWrapper`` around them);
+    ``target`` as for ``to_jax`` (``"nnx"``: the stream runs a ``jax_impl.nnx`` module).
 
     The live carried state comes along: the next chunk fed to the JAX stream gives what the
     torch module would have given.
@@ -327,7 +370,7 @@ def stream_to_jax(stateful: Any) -> jax_impl.Stateful:
         raise TypeError(
             f"stream_to_jax needs a torch_impl stateful module, got {type(stateful).__name__}"
         )
-    module, variables = to_jax(stateful)
+    module, variables = to_jax(stateful, target=target)
     spec = spec_for_torch(_unwrap_stateful(stateful))
     return jax_impl.Stateful(module, variables, carry=state_to_jax(spec, stateful.get_state()))
 
@@ -336,8 +379,13 @@ def stream_to_torch(stream: jax_impl.Stateful) -> Any:
     """A ``jax_impl.Stateful`` as a torch_impl stateful module holding the same state."""
     if not isinstance(stream, jax_impl.Stateful):
         raise TypeError(f"stream_to_torch needs a jax_impl.Stateful, got {type(stream).__name__}")
-    spec = spec_for_jax(stream.module)
-    module = to_torch(stream.module, stream.variables)
+    jax_module, variables = stream.module, stream.variables
+    if hasattr(jax_module, "graphdef"):  # an NNX stream (jax_impl.nnx.LinenView)
+        from flax import nnx
+
+        jax_module, variables = as_linen(nnx.merge(jax_module.graphdef, variables))
+    spec = spec_for_jax(jax_module)
+    module = to_torch(jax_module, variables)
     stateful = _STATEFUL_TORCH[spec.kind](module)
     stateful.set_state(state_to_torch(spec, stream.carry))
     return stateful

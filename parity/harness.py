@@ -22,6 +22,7 @@ import torch
 import torch_impl
 
 from .convert import (
+    is_nnx,
     params_tree_as_torch,
     spec_for_torch,
     tensor_to_numpy,
@@ -157,12 +158,38 @@ def _is_hashable(obj) -> bool:
     return True
 
 
-def port_for(spec: ModuleSpec, torch_module: Any, jax_module: Any) -> Port:
-    """The ``Port`` of a carryover module (Linen ``apply`` signature, carryover's parameter
-    paths)."""
-    run = functools.partial(_apply_module, jax_module, spec.is_cell)
+def port_for(spec: ModuleSpec, torch_module: Any, jax_module: Any, variables: Any) -> tuple[Port, Any]:
+    """``(port, variables)`` for a carryover module: a Linen one (``apply`` signature,
+    carryover's parameter paths) with its variables, or a ``jax_impl.nnx`` one (its
+    ``nnx.Param`` state becomes the variables)."""
     options = torch_options(torch_module)
-    return Port(run, lambda grads: params_tree_as_torch(spec, options, grads))
+    if is_nnx(jax_module):
+        return _nnx_port(spec, options, jax_module)
+    run = functools.partial(_apply_module, jax_module, spec.is_cell)
+    return Port(run, lambda grads: params_tree_as_torch(spec, options, grads)), variables
+
+
+def _nnx_port(spec: ModuleSpec, options: dict, module: Any) -> tuple[Port, Any]:
+    """An NNX module called as itself: ``nnx.merge`` of its graph, its parameters (the
+    differentiated variables) and its other state, inside the jitted function."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def call(params, x, carry, lengths, masks):
+        model = nnx.merge(graphdef, params, rest)
+        carry = carry if len(carry) == 2 else carry[0]
+        if spec.is_cell:
+            carry, ys = jax.lax.scan(lambda c, xt: model(c, xt), carry, x)
+            return ys, _leaves(carry)
+        y, carry = model(x, carry, seq_lengths=lengths, deterministic=masks is None,
+                         dropout_masks=masks)
+        return y, _leaves(carry)
+
+    def grads_as_torch(grads):
+        return params_tree_as_torch(spec, options, nnx.to_pure_dict(grads))
+
+    return Port(call, grads_as_torch), params
 
 
 def _jitted(port: Port) -> tuple[Callable, Callable]:
@@ -271,7 +298,8 @@ def compare(
             ConvLSTMCell, or a torch_impl stateful module (its live state is the default
             initial state).
         x: the input in torch's layout (a cell takes a time-major sequence of steps).
-        jax_module, variables: a JAX port to validate; default ``to_jax(torch_module)``.
+        jax_module, variables: a JAX port to validate; default ``to_jax(torch_module)``. A
+            ``jax_impl.nnx`` module needs no variables (it holds them).
         chunks: also run chunk by chunk with the state carried on both sides: an int (chunk
             length), a list of lengths, or ``"random"``.
         initial_state: torch's state (``(h, c)``, or ``h`` for a GRU / RNN), ``"random"``, or
@@ -350,7 +378,7 @@ def compare(
     with numerics(dtype), deterministic_unless_masked(torch_module, masks_t):
         if jax_module is None:
             jax_module, variables = to_jax(torch_module)
-        port = port_for(spec, torch_module, jax_module)
+        port, variables = port_for(spec, torch_module, jax_module, variables)
         run, loss_grads = _jitted(port)
 
         def run_jax(x_t, carry, lengths, masks):

@@ -29,6 +29,7 @@ from flax import nnx
 
 import jax_impl
 import jax_impl.nnx as jnnx
+
 from jax_test_helpers import init_variables, shapes_of, to_numpy
 
 B, T = 3, 5
