@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import math
 from collections.abc import Mapping
