@@ -20,6 +20,7 @@ import jax_impl
 import torch_impl
 
 from .mapping import SPECS, ModuleSpec, expand_rules
+from .targets import TARGETS, get_target, target_of
 
 __all__ = [
     "to_jax",
@@ -139,7 +140,6 @@ def _check_keys(expected: set, got: set, what: str) -> None:
         raise ValueError(f"{what}: {'; '.join(parts)}")
 
 
-TARGETS = ("linen", "nnx")
 
 
 def to_jax(
@@ -151,8 +151,10 @@ def to_jax(
         torch_module: nn.LSTM, nn.GRU, nn.RNN, their cells, torch_impl.ConvLSTM2d /
             ConvLSTMCell, or a torch_impl stateful module wrapping one of them.
         target: which JAX module to build: ``"linen"``, carryover's Linen modules (returned
-            with their variables), or ``"nnx"``, carryover's ``jax_impl.nnx`` modules (which
-            hold their parameters: the variables returned are None).
+            with their variables); ``"nnx"``, carryover's ``jax_impl.nnx`` modules (which
+            hold their parameters: the variables returned are None); or another library's
+            own (``parity.targets.TARGETS``: ``"flax.linen"``, ``"flax.nnx"``, ``"equinox"``,
+            ``"keras"``), where an option it cannot express is a ValueError.
         time_major: the JAX module's layout; default the torch module's (``not batch_first``,
             which is False for nn.LSTM/GRU/RNN unless set): pass ``time_major=False`` when
             your JAX data is ``(B, T, ...)`` while the torch module is time-major.
@@ -170,6 +172,7 @@ def to_jax(
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    foreign = None if target in ("linen", "nnx") else get_target(target)
     torch_module = _unwrap_stateful(torch_module)
     spec = spec_for_torch(torch_module)
     state = torch_param_arrays(torch_module)
@@ -185,9 +188,13 @@ def to_jax(
             "float64 weights need JAX's x64 mode: call to_jax inside `with jax.enable_x64(True):`"
         )
 
+    for torch_name, _, _ in rules:
+        _check_finite(torch_name, state[torch_name])
+    if foreign is not None:
+        return foreign.to_jax(spec, torch_module, state, time_major=time_major)
+
     params: dict = {}
     for torch_name, path, layout in rules:
-        _check_finite(torch_name, state[torch_name])
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -294,6 +301,9 @@ def to_torch(
         >>> module, variables = to_jax(torch.nn.LSTM(8, 16))
         >>> lstm = to_torch(module, variables)          # an nn.LSTM equal to the original
     """
+    foreign = target_of(jax_module)
+    if foreign is not None:
+        return foreign.to_torch(jax_module, variables)
     jax_module, variables = as_linen(jax_module, variables)
     spec = spec_for_jax(jax_module)
     arrays = jax_params_as_torch(jax_module, variables)

@@ -38,6 +38,7 @@ from .dropout import (
 )
 from .mapping import ModuleSpec
 from .report import Check, Report, bounds_for, check_against_truth, check_arrays
+from .targets import target_of
 
 __all__ = ["compare", "numerics", "resolve_chunks", "Port", "port_for"]
 
@@ -162,6 +163,9 @@ def port_for(spec: ModuleSpec, torch_module: Any, jax_module: Any, variables: An
     """``(port, variables)`` for a carryover module: a Linen one (``apply`` signature,
     carryover's parameter paths) with its variables, or a ``jax_impl.nnx`` one (its
     ``nnx.Param`` state becomes the variables)."""
+    foreign = target_of(jax_module)
+    if foreign is not None:
+        return foreign.port(spec, torch_module, jax_module, variables)
     options = torch_options(torch_module)
     if is_nnx(jax_module):
         return _nnx_port(spec, options, jax_module)
