@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -242,8 +243,8 @@ def get_target(name: str) -> Target:
 
 def target_of(obj: Any) -> Optional[Target]:
     """The target whose library made ``obj`` (among libraries already imported), or None."""
-    for name, (_, library) in _MODULES.items():
-        if library in sys.modules:
+    for name, (module_name, library) in _MODULES.items():
+        if library in sys.modules and importlib.util.find_spec(module_name) is not None:
             target = get_target(name)
             if target.owns(obj):
                 return target
