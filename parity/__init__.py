@@ -5,6 +5,7 @@ The only package that imports both ``torch_impl`` and ``jax_impl``.
 
 from .checkpoint import load_stream, read_checkpoint, save_stream
 from .convert import stream_to_jax, stream_to_torch, to_jax, to_torch
+from .custom import CustomPort
 from .harness import compare
 from .report import Check, Report
 from .state_dict import Converted, convert_state_dict, load_converted, save_converted
@@ -28,4 +29,5 @@ __all__ = [
     "load_converted",
     "save_converted",
     "Converted",
+    "CustomPort",
 ]

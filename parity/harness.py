@@ -29,6 +29,7 @@ from .convert import (
     to_jax,
     torch_options,
 )
+from .custom import CustomPort
 from .dropout import (
     deterministic_unless_masked,
     masked_forward,
@@ -163,6 +164,8 @@ def port_for(spec: ModuleSpec, torch_module: Any, jax_module: Any, variables: An
     """``(port, variables)`` for a carryover module: a Linen one (``apply`` signature,
     carryover's parameter paths) with its variables, or a ``jax_impl.nnx`` one (its
     ``nnx.Param`` state becomes the variables)."""
+    if isinstance(jax_module, CustomPort):
+        return jax_module.port(spec, torch_module), variables
     foreign = target_of(jax_module)
     if foreign is not None:
         return foreign.port(spec, torch_module, jax_module, variables)
