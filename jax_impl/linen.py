@@ -161,8 +161,19 @@ class _Recurrent(nn.Module):
             in_features = config.num_directions * config.output
         return layers
 
-    def _run(self, x, carry, *, seq_lengths, reset, deterministic, dropout_masks, mesh,
-             batch_axis):
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        carry: Any = None,
+        *,
+        seq_lengths: Optional[Array] = None,
+        reset: Optional[Array] = None,
+        deterministic: bool = True,
+        dropout_masks: Optional[Sequence[Array]] = None,
+        mesh: Optional[MeshLike] = None,
+        batch_axis: BatchAxis = "batch",
+    ) -> tuple[Array, Any]:
         config = self._config()
         x = check_input(x, (1 + config.feature_rank, 2 + config.feature_rank),
                         type(self).__name__)
@@ -179,24 +190,6 @@ class _Recurrent(nn.Module):
             mesh=mesh, batch_axis=batch_axis,
         )
 
-    def __call__(
-        self,
-        x: Array,
-        carry: Any = None,
-        *,
-        seq_lengths: Optional[Array] = None,
-        reset: Optional[Array] = None,
-        deterministic: bool = True,
-        dropout_masks: Optional[Sequence[Array]] = None,
-        mesh: Optional[MeshLike] = None,
-        batch_axis: BatchAxis = "batch",
-    ) -> tuple[Array, Any]:
-        return self._run(
-            x, carry, seq_lengths=seq_lengths, reset=reset, deterministic=deterministic,
-            dropout_masks=dropout_masks, mesh=mesh, batch_axis=batch_axis,
-        )
-
-    __call__ = nn.compact(__call__)
     __call__.__doc__ = "Runs the stack over a sequence.\n" + _CALL_DOC
 
 

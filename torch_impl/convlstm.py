@@ -487,6 +487,12 @@ def from_concat_conv(
             the input's channels for layer 0 and ``hidden`` after.
         biases: None, or one ``(4*hidden,)`` tensor per layer.
         gate_order: the order of the gates in the checkpoint, a permutation of ``"ifgo"``.
+            It is not in the weights, and a wrong order still runs (silently other results):
+            check the code that trained the checkpoint. The widely used ConvLSTM_pytorch
+            (``torch.split(combined_conv, hidden_dim, dim=1)`` into ``cc_i, cc_f, cc_o, cc_g``)
+            is ``"ifog"``, the default; Flax's and Haiku's ConvLSTM split ``"igfo"`` (and add 1
+            to the forget gate, which this function does not undo); torch.nn.LSTM's own order
+            is ``"ifgo"``.
         convlstm_kwargs: other ConvLSTM2d arguments (``batch_first``, ``dilation``, ``dropout``,
             ``device``, ``dtype``); ``input_channels``, ``hidden_channels``, ``kernel_size``,
             ``num_layers`` and ``bias`` come from the tensors. ``device`` and ``dtype`` default
