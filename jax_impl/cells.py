@@ -231,21 +231,28 @@ def _conv_hidden(weights: ConvWeights, h: Array, dilation, precision) -> Array:
     return conv_gates(weights.hh_kernel, weights.hh_bias, h, dilation, precision)
 
 
+def _kind(kind: Any) -> CellKind:
+    if isinstance(kind, CellKind):
+        return kind
+    if kind not in KINDS:
+        raise ValueError(f"kind must be a CellKind or one of {sorted(KINDS)}, got {kind!r}")
+    return KINDS[kind]
+
+
 @functools.cache
 def dense_parts(
-    kind: str = "lstm", precision: PrecisionLike = None, projection: bool = False
+    kind: Any = "lstm", precision: PrecisionLike = None, projection: bool = False
 ) -> CellParts:
     """A dense cell (matmuls) of ``kind`` as ``CellParts``; one object per option set.
 
     Arguments:
-        kind: a key of ``KINDS``: ``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``.
+        kind: a ``CellKind``, or a key of ``KINDS``: ``"lstm"``, ``"gru"``, ``"rnn_tanh"``,
+            ``"rnn_relu"``.
         precision: matmul precision (``jax.lax.Precision``), None for the backend default.
         projection: apply ``proj_kernel`` to h (torch's LSTM ``proj_size``).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     return CellParts(
-        KINDS[kind],
+        _kind(kind),
         functools.partial(_dense_input, precision=precision),
         functools.partial(_dense_hidden, precision=precision),
         functools.partial(_dense_projection, precision=precision) if projection else None,
@@ -254,14 +261,12 @@ def dense_parts(
 
 @functools.cache
 def conv_parts(
-    kind: str = "lstm", dilation: tuple[int, int] = (1, 1), precision: PrecisionLike = None
+    kind: Any = "lstm", dilation: tuple[int, int] = (1, 1), precision: PrecisionLike = None
 ) -> CellParts:
     """A convolutional cell ('same' convolutions, channels-last) of ``kind`` as ``CellParts``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     dilation = tuple(dilation)
     return CellParts(
-        KINDS[kind],
+        _kind(kind),
         functools.partial(_conv_input, dilation=dilation, precision=precision),
         functools.partial(_conv_hidden, dilation=dilation, precision=precision),
     )
