@@ -35,8 +35,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``jax_impl.nnx`` is imported on first use: flax.nnx adds about 10% to ``import
-    jax_impl`` (0.5 s of 5 s measured), which Linen users need not pay."""
+    """``jax_impl.nnx`` is imported on first use: flax.nnx adds to the time of ``import
+    jax_impl``, which Linen users need not pay."""
     if name == "nnx":
         import importlib  # noqa: PLC0415
 

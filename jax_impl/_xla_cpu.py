@@ -2,16 +2,14 @@
 
 ``xla_cpu_small_while_loop_byte_threshold`` lets XLA:CPU compile a while loop whose buffers
 total under the threshold as one kernel, instead of dispatching every op of every iteration
-through its runtime. Batch-1 streaming is exactly such a loop: an LSTM B1 T1024 I32 H64
-forward ran in 1.9 ms instead of 3.1 ms (0.42x torch's time instead of 0.75x), its outputs and
-gradients bitwise the same.
+through its runtime. Batch-1 streaming is exactly such a loop, and gets markedly faster, with
+the same values to float32 rounding (benchmarks/README.md, "Levers measured", has the figures).
 
 Why it is not on by default: it is an option of the whole process, and it changes how XLA
-compiles other loops too. A small ConvLSTM's convolutions then round differently (4e-8 in
-float32, within every parity bound, but not bitwise what they were), and big loops can lose a
-lot: with every loop compiled so, a ConvLSTM's backward pass (B4 64x64) took 11 s instead of
-0.26 s. At 1 MB, the default threshold here, the LSTM configurations measured were unchanged
-except the batch-1 one.
+compiles other loops too. A small ConvLSTM's convolutions then round differently (within every
+parity bound, but not bitwise what they were), and big loops can lose a lot: a ConvLSTM's
+backward pass compiled so is many times slower. At 1 MB, the default threshold here, only the
+batch-1 LSTM configurations measured changed.
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its backends, and refuses this option in
 per-jit ``compiler_options``: so it must be set before the first JAX computation, either by

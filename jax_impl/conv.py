@@ -44,8 +44,8 @@ def _conv_same_fwd(x, kernel, dilation, padding, precision):
 
 
 # Rows of the kernel gradient's im2col matrix formed at a time: the matrix of a whole batch of
-# T*B images (hundreds of MB) made that gradient memory-bound, 3-4x slower than chunks of
-# a few MB (measured at 40x64x64x16 k3 and 160x32x32x32 k5).
+# T*B images (hundreds of MB) made that gradient memory-bound, several times slower than
+# chunks of a few MB (benchmarks/README.md has the measurements).
 _IM2COL_CHUNK_BYTES = 8 << 20
 
 
@@ -54,8 +54,8 @@ def _conv_same_bwd(dilation, padding, precision, residuals, g):
     matmuls over chunks of the batch, the input gradient as a forward convolution.
 
     Why: inside a scan (a while loop), XLA:CPU emits the kernel-gradient convolution through a
-    slow generic path — a ConvLSTM's backward pass ran ~15x slower than this (measured at
-    B4 64x64 3->16 k3); over a whole sequence at once it is still 3-4x slower than this.
+    slow generic path, an order of magnitude slower than this; over a whole sequence at once it
+    is still several times slower (benchmarks/README.md has the measurements).
     """
     x, kernel = residuals
     kh, kw, channels, features = kernel.shape
@@ -64,8 +64,8 @@ def _conv_same_bwd(dilation, padding, precision, residuals, g):
                for i in range(kh) for j in range(kw)]  # what each kernel tap sees of the padded x
     if kh * kw * channels <= features:
         # Few input channels (a first layer): the gradient of every window at once is no
-        # larger than g; add them back in place (col2im). 3.5x faster than a convolution
-        # with 3 output channels (B40 64x64 64->3 k3).
+        # larger than g; add them back in place (col2im), faster than a convolution with
+        # that few output channels.
         columns = jnp.dot(g, kernel.reshape(-1, features).T, precision=precision)
         columns = columns.reshape(g.shape[:3] + (kh * kw, channels))
         dx = jnp.zeros((batch, height + sum(padding[0]), width + sum(padding[1]), channels),
@@ -75,8 +75,8 @@ def _conv_same_bwd(dilation, padding, precision, residuals, g):
         dx = dx[:, padding[0][0] : padding[0][0] + height, padding[1][0] : padding[1][0] + width]
     else:
         # The forward convolution of g with the kernel flipped in space and its channel axes
-        # swapped, each padding on the other side: XLA's own transposed convolution ran 4.7x
-        # slower than this inside a while loop (B4 64x64 64->16 k3).
+        # swapped, each padding on the other side: XLA's own transposed convolution runs
+        # several times slower than this inside a while loop.
         flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (kh, kw, O, C)
         swapped = tuple((d * (k - 1) - lo, d * (k - 1) - hi)
                         for (lo, hi), d, k in zip(padding, dilation, (kh, kw)))
