@@ -68,6 +68,14 @@ def _lstm(**kwargs) -> Callable[[], torch.nn.Module]:
     return lambda: torch.nn.LSTM(8, 16, **kwargs)
 
 
+def _gru(**kwargs) -> Callable[[], torch.nn.Module]:
+    return lambda: torch.nn.GRU(8, 16, **kwargs)
+
+
+def _rnn(**kwargs) -> Callable[[], torch.nn.Module]:
+    return lambda: torch.nn.RNN(8, 16, **kwargs)
+
+
 def _conv(**kwargs) -> Callable[[], torch.nn.Module]:
     return lambda: torch_impl.ConvLSTM2d(3, 4, **kwargs)
 
@@ -88,6 +96,20 @@ CASES = [
     Case("LSTM L2 unbatched", _lstm(num_layers=2), (24, 8), {"chunks": [10, 14], **RANDOM_STATE}),
     Case("LSTM L1 T=1000", _lstm(batch_first=True), (2, 1000, 8), {"chunks": [300, 700]}),
     Case("LSTMCell", lambda: torch.nn.LSTMCell(8, 16), (12, 4, 8), {"chunks": [5, 7], **RANDOM_STATE, "grads": True}),
+    Case("GRU L1", _gru(batch_first=True), (4, 24, 8), {"chunks": "random", **RANDOM_STATE, "grads": True}),
+    Case("GRU L2 bidirectional packed lengths", _gru(num_layers=2, bidirectional=True, batch_first=True),
+         (4, 24, 8), {"seq_lengths": [24, 17, 1, 9], **RANDOM_STATE, "grads": True}, quick=True),
+    Case("GRU L2 unbatched", _gru(num_layers=2), (24, 8), {"chunks": [10, 14], **RANDOM_STATE}),
+    Case("GRU L1 T=1000", _gru(batch_first=True), (2, 1000, 8), {"chunks": [300, 700]}),
+    Case("GRU L2 dropout masks", _gru(num_layers=2, dropout=0.3, batch_first=True), (4, 24, 8),
+         {"dropout_masks": "random", "chunks": [12, 12], **RANDOM_STATE, "grads": True}),
+    Case("GRUCell", lambda: torch.nn.GRUCell(8, 16), (12, 4, 8), {"chunks": [5, 7], **RANDOM_STATE, "grads": True}),
+    Case("RNN tanh L2 bidirectional", _rnn(num_layers=2, bidirectional=True, batch_first=True), (4, 24, 8),
+         {"chunks": [12, 12], **RANDOM_STATE, "grads": True}),
+    Case("RNN relu L1 packed lengths", _rnn(nonlinearity="relu", batch_first=True), (4, 24, 8),
+         {"seq_lengths": [24, 17, 1, 9], **RANDOM_STATE, "grads": True}),
+    Case("RNNCell relu", lambda: torch.nn.RNNCell(8, 16, nonlinearity="relu"), (12, 4, 8),
+         {"chunks": [5, 7], **RANDOM_STATE, "grads": True}),
     Case("ConvLSTM L1 k3", _conv(kernel_size=3, batch_first=True), (2, 10, 3, 12, 12),
          {"chunks": "random", **RANDOM_STATE, "grads": True}),
     Case("ConvLSTM L2 k4 (even)", _conv(kernel_size=4, num_layers=2, batch_first=True), (2, 10, 3, 9, 9),

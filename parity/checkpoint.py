@@ -1,19 +1,23 @@
 """Resumable streams: one safetensors file holds a stream's weights, state, position and config.
 
 A stream stopped in one framework resumes in either: ``save_stream`` takes a
-``jax_impl.Stateful`` or a torch_impl stateful module (StatefulLSTM, StatefulConvLSTM, or a
-StatefulWrapper around nn.LSTM / ConvLSTM2d); ``load_stream`` rebuilds it as either.
+``jax_impl.Stateful`` (over an LSTM, GRU, RNN or ConvLSTM) or a torch_impl stateful module
+(StatefulLSTM, StatefulGRU, StatefulRNN, StatefulConvLSTM, or a StatefulWrapper around nn.LSTM,
+nn.GRU, nn.RNN or ConvLSTM2d); ``load_stream`` rebuilds it as either.
 
 File format (``format_version`` 1), one safetensors file:
 
 - tensors ``param.<torch name>``: the weights under torch's names and layouts
   (``param.weight_ih_l0``, ...), in the parameters' dtype;
-- tensors ``state.h`` and ``state.c``: the carried ``(h, c)`` in torch's layout
-  (``(L*D, B, H_out)``, or ``(L, B, C, H, W)`` for the ConvLSTM); absent when no state is
-  carried (``state`` metadata ``"none"``);
+- tensors ``state.h`` and ``state.c``: the carried ``(h, c)`` of an LSTM or ConvLSTM in
+  torch's layout (``(L*D, B, H_out)``, or ``(L, B, C, H, W)`` for the ConvLSTM); a GRU or RNN
+  carries one tensor, ``state.h`` alone (``(L*D, B, H)``); absent when no state is carried
+  (``state`` metadata ``"none"``). Unbatched streams drop the B axis;
 - metadata (strings): ``format`` (``"carryover.stream"``), ``format_version``, ``kind``
-  (``"lstm"`` or ``"convlstm"``), ``config`` (JSON of the torch constructor options),
-  ``dtype``, ``state`` (``"hc"`` or ``"none"``), ``position`` (JSON: steps consumed, or null),
+  (``"lstm"``, ``"gru"``, ``"rnn"`` or ``"convlstm"``), ``config`` (JSON of the torch
+  constructor options; an RNN's ``nonlinearity`` among them), ``dtype``, ``state`` (``"hc"``
+  for an LSTM or ConvLSTM, ``"h"`` for a GRU or RNN, or ``"none"``; files written before GRU
+  and RNN streams existed read as before), ``position`` (JSON: steps consumed, or null),
   ``stream`` (JSON of the stateful wrapper's options), ``jax`` (JSON of the JAX-only module
   options, so a JAX stream resumes with the same compiled program), and ``sha256``: a digest
   of all the other metadata and of every tensor's name, dtype, shape and bytes, so a
@@ -57,6 +61,7 @@ from .convert import (
     spec_for_torch,
     state_to_torch,
     stream_to_jax,
+    tensor_to_numpy,
     torch_param_arrays,
 )
 from .mapping import ModuleSpec
@@ -68,7 +73,9 @@ __all__ = [
 
 FORMAT = "carryover.stream"
 FORMAT_VERSION = 1
-STREAM_KINDS = ("lstm", "convlstm")
+STREAM_KINDS = ("lstm", "gru", "rnn", "convlstm")
+# The ``state`` metadata of a checkpoint holding a state, by kind: which tensors it has.
+STATE_FIELDS = {"lstm": "hc", "gru": "h", "rnn": "h", "convlstm": "hc"}
 PathLike = Union[str, os.PathLike]
 
 # Bytes per write call; a module attribute so a test can make a save crash half-way.
@@ -80,12 +87,14 @@ class StreamCheckpoint:
     """The content of a stream checkpoint, framework-neutral (numpy arrays, torch layouts).
 
     Attributes:
-        kind: ``"lstm"`` or ``"convlstm"``.
-        config: torch constructor options (``input_size``, ``hidden_size``, ... or
-            ``input_channels``, ``hidden_channels``, ``kernel_size``, ...).
+        kind: ``"lstm"``, ``"gru"``, ``"rnn"`` or ``"convlstm"``.
+        config: torch constructor options (``input_size``, ``hidden_size``, ... (an RNN's
+            ``nonlinearity`` too) or ``input_channels``, ``hidden_channels``, ``kernel_size``,
+            ...).
         dtype: the parameters' dtype name (``"float32"``, ``"float64"``).
         params: torch parameter name -> array.
-        state: ``(h, c)`` in torch's layout, or None (no state carried).
+        state: the carried state in torch's layout as a tuple: ``(h, c)`` for an LSTM or
+            ConvLSTM, ``(h,)`` for a GRU or RNN; None when no state is carried.
         position: steps consumed when saved, or None if the caller did not say.
         stream: the stateful wrapper's options (``detach``).
         jax: JAX-only module options (``unroll``, ``dtype``, ``precision``).
@@ -95,7 +104,7 @@ class StreamCheckpoint:
     config: dict
     dtype: str
     params: dict[str, np.ndarray]
-    state: Optional[tuple[np.ndarray, np.ndarray]]
+    state: Optional[tuple[np.ndarray, ...]]
     position: Optional[int]
     stream: dict
     jax: dict
@@ -121,8 +130,21 @@ def _one_dtype(params: dict[str, np.ndarray]) -> str:
 
 def _stream_spec(spec: ModuleSpec, what: str) -> ModuleSpec:
     if spec.kind not in STREAM_KINDS:
-        raise TypeError(f"{what} is a {spec.kind}; a stream checkpoint holds an LSTM or ConvLSTM")
+        raise TypeError(
+            f"{what} is a {spec.kind}; a stream checkpoint holds an LSTM, GRU, RNN or ConvLSTM"
+        )
     return spec
+
+
+def _state_arrays(state: Any) -> Optional[tuple[np.ndarray, ...]]:
+    """A carried state (``(h, c)``, or the one tensor / array ``h``) as a tuple of numpy
+    copies; None stays None."""
+    if state is None:
+        return None
+    parts = tuple(state) if isinstance(state, (tuple, list)) else (state,)
+    return tuple(
+        tensor_to_numpy(t).copy() if isinstance(t, torch.Tensor) else np.array(t) for t in parts
+    )
 
 
 def _jax_options(module: Any) -> dict:
@@ -149,8 +171,7 @@ def _snapshot_jax(stream: jax_impl.Stateful, position: Optional[int]) -> StreamC
         value = getattr(module, rule.jax)
         return rule.to_torch(value) if rule.to_torch else value
 
-    carry = state_to_torch(spec, stream.carry)
-    state = None if carry is None else tuple(t.numpy() for t in carry)
+    state = _state_arrays(state_to_torch(spec, stream.carry))
     return StreamCheckpoint(
         spec.kind, _torch_config(spec, get, params), _one_dtype(params), params, state,
         position, {"detach": True}, _jax_options(module),
@@ -161,9 +182,7 @@ def _snapshot_torch(stream: torch_impl.StatefulWrapper, position: Optional[int])
     module = stream.module
     spec = _stream_spec(spec_for_torch(module), type(module).__name__)
     params = torch_param_arrays(module)
-    state = stream.get_state()
-    if state is not None:
-        state = tuple(t.detach().cpu().numpy() for t in state)
+    state = _state_arrays(stream.get_state())
     return StreamCheckpoint(
         spec.kind, _torch_config(spec, lambda name: getattr(module, name), params),
         _one_dtype(params), params, state, position, {"detach": bool(stream.detach)}, {},
@@ -174,11 +193,14 @@ def snapshot(stream: Any, position: Optional[int] = None) -> StreamCheckpoint:
     """A stream's weights, state and configuration as a ``StreamCheckpoint`` (no file).
 
     Arguments:
-        stream: a ``jax_impl.Stateful`` or a torch_impl stateful module.
+        stream: a ``jax_impl.Stateful`` (over an LSTM, GRU, RNN or ConvLSTM) or a torch_impl
+            stateful module (StatefulLSTM, StatefulGRU, StatefulRNN, StatefulConvLSTM,
+            StatefulWrapper).
         position: steps consumed so far (int >= 0) or None.
 
     Returns:
-        The ``StreamCheckpoint``; arrays are copies in torch's layout.
+        The ``StreamCheckpoint``; arrays are copies in torch's layout, the state a tuple
+        (``(h, c)``, or ``(h,)`` for a GRU or RNN).
 
     Example:
         >>> snapshot(torch_impl.StatefulLSTM(3, 8)).config["hidden_size"]
@@ -196,7 +218,8 @@ def snapshot(stream: Any, position: Optional[int] = None) -> StreamCheckpoint:
         return _snapshot_torch(stream, position)
     raise TypeError(
         "save_stream needs a jax_impl.Stateful or a torch_impl stateful module (StatefulLSTM, "
-        f"StatefulConvLSTM, StatefulWrapper), got {type(stream).__name__}"
+        f"StatefulGRU, StatefulRNN, StatefulConvLSTM, StatefulWrapper), got "
+        f"{type(stream).__name__}"
     )
 
 
@@ -218,16 +241,23 @@ def _digest(metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
 def _encode(checkpoint: StreamCheckpoint) -> bytes:
     """The safetensors bytes of a checkpoint, digest included."""
     tensors = {f"param.{name}": np.ascontiguousarray(a) for name, a in checkpoint.params.items()}
+    state_field = "none"
     if checkpoint.state is not None:
-        tensors["state.h"] = np.ascontiguousarray(checkpoint.state[0])
-        tensors["state.c"] = np.ascontiguousarray(checkpoint.state[1])
+        state_field = STATE_FIELDS[checkpoint.kind]
+        if len(checkpoint.state) != len(state_field):
+            raise ValueError(
+                f"a {checkpoint.kind} stream's state has {len(state_field)} tensor(s) "
+                f"({', '.join(state_field)}), got {len(checkpoint.state)}"
+            )
+        for name, array in zip(state_field, checkpoint.state):
+            tensors[f"state.{name}"] = np.ascontiguousarray(array)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "kind": checkpoint.kind,
         "config": json.dumps(checkpoint.config, sort_keys=True),
         "dtype": checkpoint.dtype,
-        "state": "none" if checkpoint.state is None else "hc",
+        "state": state_field,
         "position": json.dumps(checkpoint.position),
         "stream": json.dumps(checkpoint.stream, sort_keys=True),
         "jax": json.dumps(checkpoint.jax, sort_keys=True),
@@ -306,9 +336,9 @@ def save_stream(stream: Any, path: PathLike, *, position: Optional[int] = None) 
     """Saves a stream (weights, carried state, position, configuration) to one safetensors file.
 
     Arguments:
-        stream: a ``jax_impl.Stateful`` (of an LSTM or ConvLSTM) or a torch_impl stateful
-            module (StatefulLSTM, StatefulConvLSTM, StatefulWrapper around nn.LSTM or
-            ConvLSTM2d).
+        stream: a ``jax_impl.Stateful`` (of an LSTM, GRU, RNN or ConvLSTM) or a torch_impl
+            stateful module (StatefulLSTM, StatefulGRU, StatefulRNN, StatefulConvLSTM,
+            StatefulWrapper around nn.LSTM, nn.GRU, nn.RNN or ConvLSTM2d).
         path: the file; replaced atomically if it exists.
         position: steps consumed so far (you track it), or None; ``load_stream`` returns it.
 
@@ -405,16 +435,22 @@ def read_checkpoint(path: PathLike) -> StreamCheckpoint:
     kind = metadata.get("kind")
     if kind not in STREAM_KINDS:
         raise ValueError(f"{name} holds kind {kind!r}, expected one of {STREAM_KINDS}")
-    has_state = metadata.get("state") == "hc"
-    state_names = {"state.h", "state.c"} if has_state else set()
-    if state_names - tensors.keys():
-        raise ValueError(f"{name} says it holds a state but has no tensors {sorted(state_names)}")
+    state_field = metadata.get("state")
+    if state_field not in ("none", STATE_FIELDS[kind]):
+        raise ValueError(
+            f"{name} holds state {state_field!r}, expected {STATE_FIELDS[kind]!r} or 'none' for "
+            f"kind {kind!r}"
+        )
+    state_names = [f"state.{n}" for n in state_field] if state_field != "none" else []
+    missing = sorted(set(state_names) - tensors.keys())
+    if missing:
+        raise ValueError(f"{name} says it holds a state but has no tensors {missing}")
     return StreamCheckpoint(
         kind=kind,
         config=_json_field(metadata, "config", name),
         dtype=metadata.get("dtype", ""),
         params={k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")},
-        state=(tensors["state.h"], tensors["state.c"]) if has_state else None,
+        state=tuple(tensors[n] for n in state_names) if state_names else None,
         position=_json_field(metadata, "position", name),
         stream=_json_field(metadata, "stream", name),
         jax=_json_field(metadata, "jax", name),
@@ -440,8 +476,9 @@ def _expected(expect: Any) -> tuple[str, dict, Optional[str]]:
         spec = _stream_spec(spec_for_jax(expect), type(expect).__name__)
     except TypeError:
         raise TypeError(
-            "expect must be a stream or a module (jax_impl.Stateful / LSTM / ConvLSTM, torch_impl "
-            f"stateful module, nn.LSTM, ConvLSTM2d), got {type(expect).__name__}"
+            "expect must be a stream or a module (jax_impl.Stateful / LSTM / GRU / RNN / ConvLSTM, "
+            "torch_impl stateful module, nn.LSTM, nn.GRU, nn.RNN, ConvLSTM2d), got "
+            f"{type(expect).__name__}"
         ) from None
     config = {}
     for rule in spec.config:  # a bare JAX module: no input size (that lives in its variables)
@@ -476,21 +513,33 @@ def check_matches(checkpoint: StreamCheckpoint, expect: Any, name: str = "checkp
         raise ValueError(f"{name} has a different configuration: {'; '.join(diffs)} (from expect)")
 
 
+_STATEFUL_CLASSES = {
+    "lstm": torch_impl.StatefulLSTM,
+    "gru": torch_impl.StatefulGRU,
+    "rnn": torch_impl.StatefulRNN,
+    "convlstm": torch_impl.StatefulConvLSTM,
+}
+
+
+def _torch_dtype(value: Any, name: str) -> torch.dtype:
+    """The torch dtype a checkpoint's ``dtype`` field names; ValueError naming the field's value
+    otherwise (``"abs"`` names a torch function, not a dtype)."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) and value else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"{name} has dtype {value!r}, expected a torch dtype name (e.g. 'float32', 'float64')"
+        )
+    return dtype
+
+
 def _torch_stream(checkpoint: StreamCheckpoint, name: str) -> torch_impl.StatefulWrapper:
     """The torch_impl stateful module a checkpoint describes, weights and state loaded."""
     config = dict(checkpoint.config)
-    try:
-        dtype = getattr(torch, checkpoint.dtype)
-        assert isinstance(dtype, torch.dtype)
-    except (AttributeError, TypeError, AssertionError):
-        raise ValueError(f"{name} has dtype {checkpoint.dtype!r}, expected a torch dtype name") from None
+    dtype = _torch_dtype(checkpoint.dtype, name)
     detach = bool(checkpoint.stream.get("detach", True))
     try:
-        if checkpoint.kind == "lstm":
-            stream = torch_impl.StatefulLSTM(detach=detach, dtype=dtype, **config)
-        else:
-            stream = torch_impl.StatefulConvLSTM(detach=detach, dtype=dtype, **config)
-    except TypeError as error:  # an unknown or missing option in the config
+        stream = _STATEFUL_CLASSES[checkpoint.kind](detach=detach, dtype=dtype, **config)
+    except (TypeError, ValueError) as error:  # an unknown, missing or bad option in the config
         raise ValueError(f"{name} has an unusable config {config}: {error}") from None
     module = stream.module
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -501,7 +550,11 @@ def _torch_stream(checkpoint: StreamCheckpoint, name: str) -> torch_impl.Statefu
         {k: torch.from_numpy(np.array(v, copy=True)) for k, v in checkpoint.params.items()}
     )
     if checkpoint.state is not None:
-        stream.set_state(tuple(torch.from_numpy(np.array(a, copy=True)) for a in checkpoint.state))
+        state = tuple(torch.from_numpy(np.array(a, copy=True)) for a in checkpoint.state)
+        try:  # the module's form: (h, c), or the one tensor h
+            stream.set_state(state if len(state) == 2 else state[0])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} holds a state that does not fit its config: {error}") from None
     return stream
 
 
@@ -524,8 +577,8 @@ def load_stream(
     Arguments:
         path: a file written by ``save_stream``.
         framework: ``"jax"`` (a ``jax_impl.Stateful``; float64 needs x64 mode, e.g. inside
-            ``with jax.enable_x64(True):``) or ``"torch"`` (a ``StatefulLSTM`` or
-            ``StatefulConvLSTM`` on the CPU).
+            ``with jax.enable_x64(True):``) or ``"torch"`` (a ``StatefulLSTM``,
+            ``StatefulGRU``, ``StatefulRNN`` or ``StatefulConvLSTM`` on the CPU).
         expect: optional module or stream whose configuration the checkpoint must have;
             a mismatch is a ValueError naming each differing option.
 

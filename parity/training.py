@@ -1,7 +1,9 @@
 """``compare_training``: the same truncated-BPTT training run in torch and in JAX, step by step.
 
-Both sides start from the same weights, see the same chunks, carry the state from chunk to
-chunk with the graph cut at each boundary (torch: ``StatefulWrapper`` with ``detach=True``;
+Works for nn.LSTM, nn.GRU, nn.RNN and torch_impl.ConvLSTM2d (and the torch_impl stateful modules
+around them). Both sides start from the same weights, see the same chunks, carry the state
+(``(h, c)``, or ``h`` alone for a GRU / RNN) from chunk to chunk with the graph cut at each
+boundary (torch: ``StatefulWrapper`` with ``detach=True``;
 JAX: ``jax_impl.functional.stream_step``'s ``stop_gradient``), and update with matching optimizers
 (``make_optimizers``). The report checks the loss and every parameter (torch names) after
 every step, in ``compare``'s ``Report``/``Check`` format.
@@ -261,8 +263,9 @@ def compare_training(
     updates the parameters. Dropout is off on both sides (torch in eval mode).
 
     Arguments:
-        torch_module: nn.LSTM or torch_impl.ConvLSTM2d, or a torch_impl stateful module (its
-            live state is the default initial state; its ``detach`` setting is kept, so
+        torch_module: nn.LSTM, nn.GRU, nn.RNN or torch_impl.ConvLSTM2d, or a torch_impl
+            stateful module around one (StatefulLSTM, StatefulGRU, StatefulRNN, ...; its live
+            state is the default initial state; its ``detach`` setting is kept, so
             ``detach=False`` shows what an uncut carry does). Not modified: a copy is trained.
         chunks: input chunks in the torch module's layout (tensors or arrays), consecutive
             pieces of one sequence.
@@ -273,8 +276,8 @@ def compare_training(
             in its own framework and layout (JAX: channels-last for the ConvLSTM).
         clip_norm: gradient clipping by global norm (torch's formula on both sides).
         dtype: run both sides in this dtype (default: the module's); float64 scopes JAX's x64.
-        initial_state: torch ``(h, c)``, ``"random"`` or None (zeros): the state at step 0 and
-            after each reset.
+        initial_state: torch's state (``(h, c)``, or the tensor ``h`` for a GRU / RNN),
+            ``"random"`` or None (zeros): the state at step 0 and after each reset.
         jax_module, variables: a JAX port to train instead of ``to_jax(torch_module)``.
         jax_optimizer: an optax transformation for the JAX side instead of the one matching
             ``optimizer`` (clipping included): for checking that a mismatch is caught.
@@ -288,7 +291,7 @@ def compare_training(
 
     Returns:
         A ``TrainingReport``: checks ``loss`` and ``param/<torch name>`` at every step (run
-        ``"step k"``), ``h_n``/``c_n`` after the last step, and both loss curves. An exception
+        ``"step k"``), ``h_n`` (and ``c_n``) after the last step, and both loss curves. An exception
         in a torch step (e.g. backward through a freed graph when the carry is not detached)
         is a failing check of that step, and the run stops there.
 
@@ -306,16 +309,20 @@ def compare_training(
             f"chunks and targets must be non-empty and of equal length, got {len(chunks)} chunks "
             f"and {len(targets)} targets"
         )
-    if isinstance(torch_module, torch_impl.StatefulWrapper):
+    stateful = isinstance(torch_module, torch_impl.StatefulWrapper)
+    spec = spec_for_torch(torch_module.module if stateful else torch_module)
+    if spec.is_cell:
+        raise TypeError(
+            "compare_training needs an nn.LSTM, nn.GRU, nn.RNN or ConvLSTM2d, got "
+            f"{type(torch_module).__name__}"
+        )
+    if stateful:
         stream = copy.deepcopy(torch_module)
         if initial_state is None:
             initial_state = stream.get_state()
     else:
         stream = torch_impl.StatefulWrapper(copy.deepcopy(torch_module), detach=True)
     model = stream.module
-    spec = spec_for_torch(model)
-    if spec.kind not in ("lstm", "convlstm"):
-        raise TypeError(f"compare_training needs an nn.LSTM or ConvLSTM2d, got {type(model).__name__}")
     dtype = dtype or next(model.parameters()).dtype
     if dtype not in TRAINING_ATOL:
         raise TypeError(f"dtype {dtype} has no training bound; expected torch.float32 or torch.float64")
@@ -326,7 +333,8 @@ def compare_training(
     tx = jax_optimizer if jax_optimizer is not None else tx
     xs = [_as_tensor(c, dtype) for c in chunks]
     ys = [_as_tensor(t, dtype) for t in targets]
-    initial_state = _initial_state(model, xs[0], initial_state, dtype, seed)
+    initial_state = _initial_state(spec, model, xs[0], initial_state, dtype, seed)
+    module_state = initial_state if spec.cell_state else initial_state[0]  # (h, c) or h
 
     report = TrainingReport(_describe_run(model, optimizer, clip_norm, steps), str(dtype).replace("torch.", ""))
     with numerics(dtype):
@@ -347,8 +355,8 @@ def compare_training(
             i = k % len(xs)
             run = f"step {k}"
             if k == 0 or (i == 0 and reset_each_cycle):
-                stream.set_state(initial_state)
-                carry = state_to_jax(spec, initial_state)  # fresh arrays: the step donates them
+                stream.set_state(module_state)
+                carry = state_to_jax(spec, module_state)  # fresh arrays: the step donates them
             # torch: one TBPTT step
             try:
                 out = stream(xs[i])
@@ -371,26 +379,47 @@ def compare_training(
             for name, p in model.named_parameters():
                 report.checks.append(check_arrays(run, f"param/{name}", jax_params[name],
                                                   p.detach().numpy(), bound))
-            final = (run, stream.get_state(), carry)
+            final = (run, _as_tuple(stream.get_state()), jax.tree_util.tree_leaves(carry))
 
         if final is not None:
             run, state_t, carry_j = final
             to_torch_layout = spec.activation.to_torch
-            for name, got, ref in zip(("h_n", "c_n"), carry_j, state_t):
-                report.checks.append(check_arrays(run, name, to_torch_layout(np.asarray(got)),
+            if len(carry_j) != len(state_t):
+                report.checks.append(Check(run, "carry", math.inf, math.inf, None, bound, False,
+                                           f"the port carries {len(carry_j)} arrays, torch "
+                                           f"{len(state_t)}"))
+            for name, got, ref in zip(spec.state_names, carry_j, state_t):
+                report.checks.append(check_arrays(run, f"{name}_n", to_torch_layout(np.asarray(got)),
                                                   ref.detach().numpy(), bound))
     return report
 
 
-def _initial_state(model, x0: torch.Tensor, initial_state, dtype, seed: int) -> tuple:
-    """The state at step 0, explicit (zeros for None) so both sides start from the same one."""
+def _as_tuple(state: Any) -> tuple:
+    """A torch state as a tuple: ``(h, c)`` stays, the one tensor ``h`` becomes ``(h,)``."""
+    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+def _initial_state(spec, model, x0: torch.Tensor, initial_state, dtype, seed: int) -> tuple:
+    """The state at step 0 as a tuple (``(h, c)`` or ``(h,)``), explicit (zeros for None) so
+    both sides start from the same one."""
     if initial_state is not None and not isinstance(initial_state, str):
-        return tuple(_as_tensor(s, dtype) for s in initial_state)
+        if spec.cell_state and not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise TypeError(
+                f"initial_state must be a pair (h, c) for {type(model).__name__}, got "
+                f"{type(initial_state).__name__}"
+            )
+        if not spec.cell_state and isinstance(initial_state, (tuple, list)):
+            raise TypeError(
+                f"initial_state must be one tensor h for {type(model).__name__}, got a "
+                f"{type(initial_state).__name__} of {len(initial_state)} (an LSTM's (h, c)?)"
+            )
+        return tuple(_as_tensor(s, dtype) for s in _as_tuple(initial_state))
     with torch.no_grad():
         _, template = model(x0)
+    template = _as_tuple(template)
     if initial_state is None:
         return tuple(torch.zeros_like(s) for s in template)
     if initial_state != "random":
-        raise ValueError(f'initial_state must be a state pair, "random" or None, got {initial_state!r}')
+        raise ValueError(f'initial_state must be a state, "random" or None, got {initial_state!r}')
     generator = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(s.shape, dtype=dtype, generator=generator) for s in template)

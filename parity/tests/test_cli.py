@@ -151,6 +151,24 @@ def test_case_names_are_unique():
     assert len(names) == len(set(names)), "--only and --list go by name"
 
 
+def test_grid_covers_gru_and_rnn():
+    """Every module kind is in the grid, and ``--only GRU`` / ``--only RNN`` select exactly the
+    GRU / RNN rows (by module type, not just by name)."""
+    import torch
+
+    kinds = {type(c.make()) for c in cli.CASES}
+    assert {torch.nn.GRU, torch.nn.GRUCell, torch.nn.RNN, torch.nn.RNNCell} <= kinds
+    for text, types in (("GRU", (torch.nn.GRU, torch.nn.GRUCell)),
+                        ("RNN", (torch.nn.RNN, torch.nn.RNNCell))):
+        selected = cli.select_cases(text, quick=False)
+        assert selected and all(isinstance(c.make(), types) for c in selected)
+        assert len(selected) == sum(isinstance(c.make(), types) for c in cli.CASES)
+    relu = [c for c in cli.CASES if getattr(c.make(), "nonlinearity", "tanh") == "relu"]
+    assert {type(c.make()) for c in relu} == {torch.nn.RNN, torch.nn.RNNCell}
+    assert any(c.options.get("dropout_masks") for c in cli.select_cases("GRU", quick=False))
+    assert any(isinstance(c.make(), torch.nn.GRU) for c in cli.select_cases(None, quick=True))
+
+
 def test_non_finite_errors_are_null_with_a_note(tmp_path, monkeypatch, capsys):
     """A shape mismatch (inf) and a NaN error reach the JSON as null plus ``<key>_note``, and
     the file parses strictly; the comparison itself is stubbed (the report's shape is the point)."""

@@ -1,5 +1,7 @@
 """Gradient parity in training mode: inter-layer dropout with the same keep masks on both sides.
 
+Modules: nn.LSTM, nn.GRU, nn.RNN (relu) and ConvLSTM2d, each with two layers and dropout 0.4.
+
 The bound is DESIGN.md's float64 gradient bound, 1e-10 relative to the largest gradient; a
 single flipped mask element on one side must break it.
 """
@@ -23,13 +25,31 @@ def _lstm() -> torch.nn.LSTM:
                          dropout=0.4, dtype=F64)
 
 
+def _gru() -> torch.nn.GRU:
+    torch.manual_seed(0)
+    return torch.nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True, dropout=0.4,
+                        dtype=F64)
+
+
+def _rnn_relu() -> torch.nn.RNN:
+    torch.manual_seed(0)
+    return torch.nn.RNN(3, 4, num_layers=3, nonlinearity="relu", batch_first=True, dropout=0.4,
+                        dtype=F64)
+
+
 def _convlstm() -> torch_impl.ConvLSTM2d:
     torch.manual_seed(1)
     return torch_impl.ConvLSTM2d(2, 3, 3, num_layers=2, batch_first=True, dropout=0.4, dtype=F64)
 
 
+def _dense_input() -> torch.Tensor:
+    return torch.randn(2, 6, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+
 CASES = {
-    "lstm": (_lstm, lambda: torch.randn(2, 6, 3, dtype=F64, generator=torch.Generator().manual_seed(2))),
+    "lstm": (_lstm, _dense_input),
+    "gru": (_gru, _dense_input),
+    "rnn-relu": (_rnn_relu, _dense_input),
     "convlstm": (
         _convlstm,
         lambda: torch.randn(2, 4, 2, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(3)),
@@ -85,17 +105,27 @@ def test_without_masks_the_torch_side_is_deterministic():
     assert module.training
 
 
-def test_split_layers_shares_parameters_and_gradients():
-    lstm = _lstm()
-    layers = split_layers(lstm)
-    assert layers[1].weight_hh_l0_reverse is lstm.weight_hh_l1_reverse
-    x = CASES["lstm"][1]()
-    lstm.eval()
-    y_ref, (h_ref, c_ref) = lstm(x)
-    y, (h, c) = masked_forward(lstm, x)  # no masks: the eval forward, layer by layer
-    assert torch.equal(y, y_ref) and torch.equal(h, h_ref) and torch.equal(c, c_ref)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn-relu"])
+def test_split_layers_shares_parameters_and_gradients(kind):
+    module = CASES[kind][0]()
+    layers = split_layers(module)
+    assert len(layers) == module.num_layers and all(type(m) is type(module) for m in layers)
+    assert layers[1].weight_hh_l0 is module.weight_hh_l1
+    if module.bidirectional:
+        assert layers[1].weight_hh_l0_reverse is module.weight_hh_l1_reverse
+    if kind.startswith("rnn"):
+        assert all(m.nonlinearity == module.nonlinearity for m in layers)
+    x = CASES[kind][1]()
+    module.eval()
+    y_ref, state_ref = module(x)
+    y, state = masked_forward(module, x)  # no masks: the eval forward, layer by layer
+    # the module's own state form: (h, c) for the LSTM, the tensor h for the GRU and the RNN
+    assert isinstance(state, tuple) == (kind == "lstm")
+    assert torch.equal(y, y_ref)
+    for got, ref in zip(state if kind == "lstm" else (state,), state_ref if kind == "lstm" else (state_ref,)):
+        assert torch.equal(got, ref)
     y.sum().backward()
-    assert all(p.grad is not None for p in lstm.parameters())
+    assert all(p.grad is not None for p in module.parameters())
 
 
 def test_masked_convlstm_is_F_dropout_bit_for_bit():

@@ -1,8 +1,9 @@
 """Property-based tests (Hypothesis): random configurations agree across torch and JAX.
 
-Properties, over random sizes, layers 1-3, directions, proj_size, bias, kernel sizes (even
-ones too), dilation, batch_first / time_major, batch (unbatched too), chunk partitions,
-sequence lengths and row resets:
+Properties, over the module kinds (nn.LSTM, nn.GRU, nn.RNN with tanh or relu, their cells, the
+ConvLSTM and its cell), random sizes, layers 1-3, directions, proj_size (LSTM), nonlinearity
+(RNN), bias, kernel sizes (even ones too), dilation, batch_first / time_major, batch (unbatched
+too), chunk partitions, sequence lengths and row resets:
 
 - parity within DESIGN.md's bounds (``compare(...).ok``), float64 (bound 1e-12) and float32;
 - chunk invariance on each side (chunked stream == one full run);
@@ -12,7 +13,8 @@ sequence lengths and row resets:
 
 Profiles (``tests/conftest.py``): ``ci`` (default) is derandomized and sized to run this file
 in about two minutes on two cores; sizes come from small sets so compiled JAX programs are
-reused across examples. The release check runs at least 200 examples per property::
+reused across examples (``pytest --hypothesis-show-statistics`` lists the module kinds each
+property drew). The release check runs at least 200 examples per property::
 
     HYPOTHESIS_PROFILE=release pytest parity/tests/test_properties.py
 """
@@ -27,8 +29,9 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
@@ -68,28 +71,43 @@ BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
 STEPS = 6
 PARTITIONS = [[6], [3, 3], [2, 4], [1, 5], [2, 2, 2], [4, 1, 1]]
 SPATIAL = [(3, 3), (4, 5)]
+# The dense recurrent kinds (a sequence of (..., input_size) steps); their carries: (h, c) for
+# the LSTM, h alone for the GRU and the RNN.
+DENSE = ("lstm", "gru", "rnn")
 
 
 # ------------------------------------------------------------------------------ strategies
 
 
 @st.composite
-def lstm_options(draw, cell: bool = False, bidirectional: bool = True) -> dict:
-    """nn.LSTM (or nn.LSTMCell) constructor options from small sets; ``bidirectional=False``
-    keeps to one direction (a chunked bidirectional stream is not a full run)."""
+def dense_options(draw, kind: str = "lstm", cell: bool = False, bidirectional: bool = True) -> dict:
+    """nn.LSTM / nn.GRU / nn.RNN (or their cells) constructor options from small sets:
+    proj_size for the LSTM, nonlinearity for the RNN; ``bidirectional=False`` keeps to one
+    direction (a chunked bidirectional stream is not a full run)."""
     options = dict(
         input_size=draw(st.sampled_from([1, 3])),
         hidden_size=draw(st.sampled_from([2, 4])),
         bias=draw(st.booleans()),
     )
+    if kind == "rnn":
+        options["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
     if not cell:
         options.update(
             num_layers=draw(st.integers(1, 3)),
             bidirectional=draw(st.booleans()) if bidirectional else False,
-            proj_size=draw(st.sampled_from([0, 0, 1])),
             batch_first=draw(st.booleans()),
         )
+        if kind == "lstm":
+            options["proj_size"] = draw(st.sampled_from([0, 0, 1]))
     return options
+
+
+def options_for(kind: str, bidirectional: bool = True):
+    """The options strategy of any kind (``"gru_cell"``, ``"convlstm"``, ...)."""
+    base, cell = kind.removesuffix("_cell"), kind.endswith("_cell")
+    if base == "convlstm":
+        return convlstm_options(cell=cell)
+    return dense_options(base, cell=cell, bidirectional=bidirectional)
 
 
 @st.composite
@@ -115,10 +133,28 @@ def build(kind: str, options: dict, dtype: torch.dtype, seed: int) -> torch.nn.M
     make = {
         "lstm": torch.nn.LSTM,
         "lstm_cell": torch.nn.LSTMCell,
+        "gru": torch.nn.GRU,
+        "gru_cell": torch.nn.GRUCell,
+        "rnn": torch.nn.RNN,
+        "rnn_cell": torch.nn.RNNCell,
         "convlstm": torch_impl.ConvLSTM2d,
         "convlstm_cell": torch_impl.ConvLSTMCell,
     }[kind]
     return make(**options, dtype=dtype)
+
+
+STATEFUL = {
+    "lstm": torch_impl.StatefulLSTM,
+    "gru": torch_impl.StatefulGRU,
+    "rnn": torch_impl.StatefulRNN,
+    "convlstm": torch_impl.StatefulConvLSTM,
+}
+
+
+def parts(state: Any) -> tuple:
+    """A state as a tuple: ``(h, c)`` stays, the one tensor (array) ``h`` of a GRU / RNN becomes
+    ``(h,)``."""
+    return tuple(state) if isinstance(state, tuple) else (state,)
 
 
 def torch_input(
@@ -126,7 +162,7 @@ def torch_input(
     spatial: tuple[int, int] = (3, 3),
 ) -> torch.Tensor:
     """A sequence in torch's layout for the module (unbatched when ``batch`` is None)."""
-    features = (options["input_size"],) if kind == "lstm" else (options["input_channels"], *spatial)
+    features = (options["input_size"],) if kind in DENSE else (options["input_channels"], *spatial)
     if batch is None:
         shape = (steps, *features)
     elif options.get("batch_first", False):
@@ -149,28 +185,32 @@ seeds = st.integers(0, 2**16)
 # ------------------------------------------------------------------------------ parity
 
 
-@examples(ci=12)
+@examples(ci=15)
 @given(
-    options=lstm_options(), batch=st.sampled_from([None, 1, 2]),
+    kind=st.sampled_from(DENSE), data=st.data(), batch=st.sampled_from([None, 1, 2]),
     chunks=st.sampled_from(PARTITIONS), random_state=st.booleans(), seed=seeds,
 )  # fmt: skip
-def test_lstm_parity_float64(options, batch, chunks, random_state, seed):
-    module = build("lstm", options, torch.float64, seed)
-    x = torch_input("lstm", options, batch, STEPS, torch.float64, seed + 1)
+def test_dense_parity_float64(kind, data, batch, chunks, random_state, seed):
+    event(f"kind={kind}")
+    options = data.draw(dense_options(kind), label="options")
+    module = build(kind, options, torch.float64, seed)
+    x = torch_input(kind, options, batch, STEPS, torch.float64, seed + 1)
     report = compare(module, x, chunks=chunks, initial_state="random" if random_state else None,
                      seed=seed)  # fmt: skip
     report.assert_ok()
     assert report.worst() <= BOUND[torch.float64]
 
 
-@examples(ci=5)
-@given(options=lstm_options(), data=st.data(), seed=seeds)
-def test_lstm_packed_lengths_parity_float64(options, data, seed):
+@examples(ci=7)
+@given(kind=st.sampled_from(DENSE), data=st.data(), seed=seeds)
+def test_packed_lengths_parity_float64(kind, data, seed):
     """seq_lengths (torch's packed sequences; torch refuses length 0, so 1..T)."""
+    event(f"kind={kind}")
+    options = data.draw(dense_options(kind), label="options")
     batch = data.draw(st.sampled_from([2, 3]), label="batch")
     lengths = data.draw(st.lists(st.integers(1, STEPS), min_size=batch, max_size=batch), label="lengths")
-    module = build("lstm", options, torch.float64, seed)
-    x = torch_input("lstm", options, batch, STEPS, torch.float64, seed + 1)
+    module = build(kind, options, torch.float64, seed)
+    x = torch_input(kind, options, batch, STEPS, torch.float64, seed + 1)
     compare(module, x, seq_lengths=lengths, initial_state="random", seed=seed).assert_ok()
 
 
@@ -185,15 +225,16 @@ def test_convlstm_parity_float64(options, batch, spatial, chunks, seed):
     compare(module, x, chunks=chunks, initial_state="random", seed=seed).assert_ok()
 
 
-@examples(ci=6)
-@given(
-    kind=st.sampled_from(["lstm", "convlstm", "lstm_cell", "convlstm_cell"]), data=st.data(),
-    seed=seeds,
-)  # fmt: skip
+ALL_KINDS = ["lstm", "gru", "rnn", "convlstm", "lstm_cell", "gru_cell", "rnn_cell", "convlstm_cell"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+@examples(ci=2)
+@given(data=st.data(), seed=seeds)
 def test_parity_float32(kind, data, seed):
-    """float32, cells too (a cell is driven over a time-major sequence of steps)."""
-    strategy = lstm_options if kind.startswith("lstm") else convlstm_options
-    options = data.draw(strategy(cell=kind.endswith("_cell")), label="options")
+    """float32, every kind, cells too (a cell is driven over a time-major sequence of steps)."""
+    event(f"kind={kind}")
+    options = data.draw(options_for(kind), label="options")
     module = build(kind, options, torch.float32, seed)
     base = kind.removesuffix("_cell")
     x = torch_input(base, options, 2, STEPS, torch.float32, seed + 1)
@@ -208,25 +249,27 @@ def test_parity_float32(kind, data, seed):
 
 @examples(ci=100)
 @given(
-    kind=st.sampled_from(["lstm", "convlstm"]), data=st.data(), batch=st.sampled_from([None, 1, 2]),
+    kind=st.sampled_from([*DENSE, "convlstm"]), data=st.data(), batch=st.sampled_from([None, 1, 2]),
     chunks=st.sampled_from(PARTITIONS), seed=seeds,
 )  # fmt: skip
 def test_torch_stream_chunked_equals_full_float64(kind, data, batch, chunks, seed):
     """Torch side: a StatefulWrapper fed chunk by chunk == the module on the whole sequence."""
-    options = data.draw(lstm_options(bidirectional=False) if kind == "lstm" else convlstm_options(), label="options")
+    event(f"kind={kind}")
+    options = data.draw(options_for(kind, bidirectional=False), label="options")
     module = build(kind, options, torch.float64, seed)
     x = torch_input(kind, options, batch, STEPS, torch.float64, seed + 1)
     time_axis = 1 if (batch is not None and options.get("batch_first")) else 0
     stream = torch_impl.StatefulWrapper(module)
     with torch.no_grad():
-        y_full, (h_full, c_full) = module(x)
+        y_full, state_full = module(x)
         pieces, start = [], 0
         for n in chunks:
             pieces.append(stream(x.narrow(time_axis, start, n)))
             start += n
     y = torch.cat(pieces, time_axis)
-    h, c = stream.get_state()
-    for got, ref in ((y, y_full), (h, h_full), (c, c_full)):
+    state = parts(stream.get_state())
+    assert len(state) == len(parts(state_full)) == (1 if kind in ("gru", "rnn") else 2)
+    for got, ref in ((y, y_full), *zip(state, parts(state_full))):
         assert got.dtype == torch.float64 and got.shape == ref.shape
         assert float((got - ref).abs().max()) <= BOUND[torch.float64]
 
@@ -242,26 +285,23 @@ def reset_plans(draw, batch: int) -> tuple[list[int], list[Optional[list[bool]]]
     return chunks, masks
 
 
-@examples(ci=5)
-@given(kind=st.sampled_from(["lstm", "convlstm"]), data=st.data(), seed=seeds)
+@examples(ci=7)
+@given(kind=st.sampled_from([*DENSE, "convlstm"]), data=st.data(), seed=seeds)
 def test_streams_with_resets_agree_and_equal_one_masked_run(kind, data, seed):
     """float64: torch stream == JAX stream (row resets between chunks) == one JAX run with
     the reset mask. The JAX side is chunk invariant, resets included."""
-    strategy = lstm_options(bidirectional=False) if kind == "lstm" else convlstm_options()
-    options = data.draw(strategy, label="options")
+    event(f"kind={kind}")
+    options = data.draw(options_for(kind, bidirectional=False), label="options")
     batch = 2
     chunks, masks = data.draw(reset_plans(batch), label="plan")
-    if kind == "lstm":
-        torch_stream = torch_impl.StatefulLSTM(**options, dtype=torch.float64)
-    else:
-        torch_stream = torch_impl.StatefulConvLSTM(**options, dtype=torch.float64)
+    torch_stream = STATEFUL[kind](**options, dtype=torch.float64)
     torch.manual_seed(seed)
     for p in torch_stream.parameters():  # seeded weights, same on both sides
         torch.nn.init.uniform_(p, -0.5, 0.5)
     x = torch_input(kind, options, batch, STEPS, torch.float64, seed + 1)
     batch_first = options.get("batch_first", False)
     time_axis = 1 if batch_first else 0
-    to_jax_layout = (lambda a: a) if kind == "lstm" else CHANNELS_LAST.to_jax
+    to_jax_layout = (lambda a: a) if kind in DENSE else CHANNELS_LAST.to_jax
 
     with jax.enable_x64(True):
         jax_stream = stream_to_jax(torch_stream)
@@ -284,10 +324,11 @@ def test_streams_with_resets_agree_and_equal_one_masked_run(kind, data, seed):
         carry_stream = jax_stream.carry
     y_t = to_jax_layout(np.concatenate(ys_t, time_axis))
     y_j = np.concatenate(ys_j, time_axis)
-    h_t, c_t = (to_jax_layout(t.numpy()) for t in torch_stream.get_state())
+    states_t = [to_jax_layout(t.numpy()) for t in parts(torch_stream.get_state())]
     bound = BOUND[torch.float64]
     assert np.max(np.abs(y_j - y_t)) <= bound and np.max(np.abs(np.asarray(y_once) - y_j)) <= bound
-    for t_state, j_state, once in zip((h_t, c_t), carry_stream, carry_once):
+    assert len(states_t) == len(parts(carry_stream)) == len(parts(carry_once))
+    for t_state, j_state, once in zip(states_t, parts(carry_stream), parts(carry_once)):
         assert np.max(np.abs(np.asarray(j_state) - t_state)) <= bound
         assert np.max(np.abs(np.asarray(once) - np.asarray(j_state))) <= bound
 
@@ -297,20 +338,22 @@ def test_streams_with_resets_agree_and_equal_one_masked_run(kind, data, seed):
 
 @examples(ci=150)
 @given(
-    kind=st.sampled_from(["lstm", "lstm_cell", "convlstm", "convlstm_cell"]),
+    kind=st.sampled_from(ALL_KINDS),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]), data=st.data(), seed=seeds,
 )  # fmt: skip
 def test_module_round_trip_is_exact(kind, dtype, data, seed):
-    """to_torch(to_jax(m)) == m bit for bit, dtypes and options included; and the JAX
-    variables survive the way back (to_jax(to_torch(...)))."""
-    strategy = lstm_options if kind.startswith("lstm") else convlstm_options
-    options = data.draw(strategy(cell=kind.endswith("_cell")), label="options")
+    """to_torch(to_jax(m)) == m bit for bit, dtypes and options included (nn.RNN's
+    nonlinearity, which its repr leaves out, too); and the JAX variables survive the way back
+    (to_jax(to_torch(...)))."""
+    event(f"kind={kind}")
+    options = data.draw(options_for(kind), label="options")
     module = build(kind, options, dtype, seed)
     with jax.enable_x64(dtype == torch.float64):
         jax_module, variables = to_jax(module)
         back = to_torch(jax_module, variables)
         jax_again, variables_again = to_jax(back)
     assert type(back) is type(module) and back.extra_repr() == module.extra_repr()
+    assert getattr(back, "nonlinearity", None) == getattr(module, "nonlinearity", None)
     original, returned = module.state_dict(), back.state_dict()
     assert list(returned) == list(original)
     for name, tensor in original.items():
@@ -325,25 +368,31 @@ def test_module_round_trip_is_exact(kind, dtype, data, seed):
 
 @examples(ci=60)
 @given(
-    kind=st.sampled_from(["lstm", "convlstm"]), dtype=st.sampled_from([torch.float32, torch.float64]),
+    kind=st.sampled_from([*DENSE, "convlstm"]), dtype=st.sampled_from([torch.float32, torch.float64]),
     batch=st.sampled_from([None, 2]), data=st.data(), seed=seeds,
 )  # fmt: skip
 def test_stream_and_checkpoint_round_trips_are_exact(kind, dtype, batch, data, seed):
     """torch stream -> JAX stream -> torch stream, and -> file -> either framework: weights
-    and carried state bit for bit."""
-    options = data.draw(lstm_options() if kind == "lstm" else convlstm_options(), label="options")
-    stateful = torch_impl.StatefulLSTM if kind == "lstm" else torch_impl.StatefulConvLSTM
+    and carried state bit for bit, the state's form (``(h, c)`` or ``h``) and type kept."""
+    event(f"kind={kind}")
+    options = data.draw(options_for(kind), label="options")
     torch.manual_seed(seed)
-    source = stateful(**options, dtype=dtype)
+    source = STATEFUL[kind](**options, dtype=dtype)
     with torch.no_grad():  # one step for the state's shapes, then a random state in its place
         _, state = source.module(torch_input(kind, options, batch, 1, dtype, seed))
-    source.set_state(tuple(torch.randn(t.shape, dtype=dtype) for t in state))
+    random = tuple(torch.randn(t.shape, dtype=dtype) for t in parts(state))
+    source.set_state(random if isinstance(state, tuple) else random[0])
 
     def same(stream: Any) -> None:
+        assert type(stream) is type(source)
+        assert getattr(stream.module, "nonlinearity", None) == getattr(source.module, "nonlinearity", None)
         for name, tensor in source.module.state_dict().items():
             assert bitwise_equal(stream.module.state_dict()[name], tensor), name
-        for got, ref in zip(stream.get_state(), source.get_state()):
-            assert bitwise_equal(got, ref)
+        got, ref = stream.get_state(), source.get_state()
+        assert isinstance(got, tuple) == isinstance(ref, tuple)
+        assert len(parts(got)) == len(parts(ref))
+        for g, r in zip(parts(got), parts(ref)):
+            assert bitwise_equal(g, r)
 
     with jax.enable_x64(dtype == torch.float64):
         same(stream_to_torch(stream_to_jax(source)))

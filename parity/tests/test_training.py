@@ -1,8 +1,9 @@
 """Training parity: the same TBPTT run in torch and JAX, and the mismatches it must catch.
 
 Every case trains from the same weights over cycling chunks with the carry cut at each chunk
-boundary; the report checks the loss and every parameter after every step. Sizes are tiny and
-shared between cases, so the JAX gradient program compiles once per module kind.
+boundary; the report checks the loss and every parameter after every step. Module kinds: the
+LSTM and ConvLSTM (carry ``(h, c)``), the GRU and the RNN with relu (carry ``h``). Sizes are tiny
+and shared between cases, so the JAX gradient program compiles once per module kind.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def _lstm_data(dtype=F64):
     return _data((2, 6, 3), (2, 6, 5), dtype)
 
 
+def _gru(dtype=F64) -> torch.nn.GRU:
+    torch.manual_seed(2)
+    return torch.nn.GRU(3, 5, batch_first=True, dtype=dtype)
+
+
+def _rnn_relu(dtype=F64) -> torch.nn.RNN:
+    torch.manual_seed(3)
+    return torch.nn.RNN(3, 5, nonlinearity="relu", batch_first=True, dtype=dtype)
+
+
 def _convlstm() -> torch_impl.ConvLSTM2d:
     torch.manual_seed(1)
     return torch_impl.ConvLSTM2d(2, 3, 3, batch_first=True, dtype=F64)
@@ -53,7 +64,13 @@ def _convlstm_data():
     return _data((2, 3, 2, 4, 4), (2, 3, 3, 4, 4))
 
 
-MODULES = {"lstm": (_lstm, _lstm_data), "convlstm": (_convlstm, _convlstm_data)}
+MODULES = {
+    "lstm": (_lstm, _lstm_data),
+    "gru": (_gru, _lstm_data),
+    "rnn_relu": (_rnn_relu, _lstm_data),
+    "convlstm": (_convlstm, _convlstm_data),
+}
+ONE_TENSOR_STATE = {"gru": _gru, "rnn_relu": _rnn_relu}  # the carry is h alone
 
 
 def _first_failing_step(report) -> int:
@@ -88,11 +105,62 @@ def test_twenty_adam_steps_stay_within_1e_9():
     assert report.jax_losses[18] < report.jax_losses[0]
 
 
-def test_float32_within_its_bound():
+@pytest.mark.parametrize("kind", sorted(ONE_TENSOR_STATE))
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("optimizer", [SGD, ADAM], ids=["sgd", "adam"])
+def test_gru_and_rnn_twenty_steps_stay_within_1e_9(kind, optimizer, fused):
+    """A GRU and a relu RNN (carry h alone), 20 float64 steps from a random h: the loss, every
+    parameter and the final h agree within TRAINING_ATOL, and training does something."""
+    xs, ys = _lstm_data()
+    module = ONE_TENSOR_STATE[kind]()
+    report = compare_training(module, xs, ys, optimizer=optimizer, steps=20, fused=fused,
+                              initial_state="random")
+    report.assert_ok()
+    assert report.worst("param/") <= TRAINING_ATOL[F64] and report.worst("loss") <= TRAINING_ATOL[F64]
+    names = {c.tensor for c in report.checks}
+    assert {f"param/{n}" for n, _ in module.named_parameters()} <= names
+    assert "h_n" in names and "c_n" not in names  # one state tensor, named as torch names it
+    assert report.jax_losses[18] < report.jax_losses[0]
+
+
+@pytest.mark.parametrize("kind", ["lstm", *sorted(ONE_TENSOR_STATE)])
+def test_float32_within_its_bound(kind):
     xs, ys = _lstm_data(torch.float32)
-    report = compare_training(_lstm(torch.float32), xs, ys, optimizer=ADAM, steps=20)
+    report = compare_training(MODULES[kind][0](torch.float32), xs, ys, optimizer=ADAM, steps=20)
     report.assert_ok()
     assert report.worst("param/") <= TRAINING_ATOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: torch_impl.StatefulGRU(3, 5, num_layers=2, dtype=F64),
+     lambda: torch_impl.StatefulRNN(3, 5, nonlinearity="relu", bidirectional=True, dtype=F64)],
+    ids=["stateful-gru-l2", "stateful-rnn-relu-bi"],
+)  # fmt: skip
+def test_stateful_gru_and_rnn_start_from_their_live_state(make):
+    """A stateful module's live h (one tensor) is the initial state on both sides."""
+    torch.manual_seed(4)
+    stream = make()
+    xs, ys = _data((2, 6, 3), (2, 6, stream.module.hidden_size * (2 if stream.module.bidirectional else 1)))
+    with torch.no_grad():
+        stream(torch.randn(2, 4, 3, dtype=F64))
+    live = stream.get_state().clone()
+    report = compare_training(stream, xs, ys, optimizer=ADAM, steps=4)
+    report.assert_ok()
+    assert torch.equal(stream.get_state(), live)  # a copy was trained
+    # the same run from zeros differs at the first step: the live state was used
+    zeros = compare_training(stream, xs, ys, optimizer=ADAM, steps=1,
+                             initial_state=torch.zeros_like(live))
+    assert zeros.torch_losses[0] != report.torch_losses[0]
+
+
+def test_gru_initial_state_must_be_one_tensor():
+    xs, ys = _lstm_data()
+    h = torch.zeros(1, 2, 5, dtype=F64)
+    with pytest.raises(TypeError, match=r"initial_state must be one tensor h for GRU, got a tuple of 2"):
+        compare_training(_gru(), xs, ys, optimizer=SGD, steps=1, initial_state=(h, h))
+    with pytest.raises(TypeError, match=r"initial_state must be a pair \(h, c\) for LSTM, got Tensor"):
+        compare_training(_lstm(), xs, ys, optimizer=SGD, steps=1, initial_state=h)
 
 
 @pytest.mark.parametrize("kind", sorted(MODULES))
@@ -209,12 +277,36 @@ def test_compare_training_argument_errors():
         compare_training(_lstm(), xs, ys, optimizer=SGD, steps=0)
     with pytest.raises(TypeError, match="LSTMCell"):
         compare_training(torch.nn.LSTMCell(3, 5), xs, ys, optimizer=SGD, steps=1)
+    with pytest.raises(TypeError, match=r"needs an nn.LSTM, nn.GRU, nn.RNN or ConvLSTM2d, got GRUCell"):
+        compare_training(torch.nn.GRUCell(3, 5), xs, ys, optimizer=SGD, steps=1)
 
 
-def test_the_jax_module_is_the_converted_one_by_default():
+@pytest.mark.parametrize("kind", ["lstm", *sorted(ONE_TENSOR_STATE)])
+def test_the_jax_module_is_the_converted_one_by_default(kind):
     """The training report names every torch parameter (the conversion covers them all)."""
     xs, ys = _lstm_data()
-    lstm = _lstm()
-    report = compare_training(lstm, xs, ys, optimizer=SGD, steps=1)
+    module = MODULES[kind][0]()
+    report = compare_training(module, xs, ys, optimizer=SGD, steps=1)
     names = {c.tensor for c in report.checks if c.tensor.startswith("param/")}
-    assert names == {f"param/{n}" for n, _ in lstm.named_parameters()}
+    assert names == {f"param/{n}" for n, _ in module.named_parameters()}
+
+
+def _swap_r_z(a):
+    """Swaps the GRU's r and z gate blocks on the last axis (3H)."""
+    r, z, n = jnp.split(a, 3, axis=-1)
+    return jnp.concatenate([z, r, n], axis=-1)
+
+
+def test_gru_trained_with_its_gates_swapped_is_caught():
+    """A GRU port with r and z swapped (its weights permuted) fails from the first step."""
+    from parity import to_jax
+
+    xs, ys = _lstm_data()
+    gru = _gru()
+    with jax.enable_x64(True):
+        module, variables = to_jax(gru)
+        params = {"layer_0": {k: _swap_r_z(v) for k, v in variables["params"]["layer_0"].items()}}
+    report = compare_training(gru, xs, ys, optimizer=SGD, steps=2, jax_module=module,
+                              variables={"params": params})
+    _fails(report)
+    assert any(c.tensor == "loss" and c.run == "step 0" for c in report.failures)

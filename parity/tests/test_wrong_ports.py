@@ -158,3 +158,111 @@ def test_non_finite_output_is_not_a_match():
     assert not report.ok
     assert all("non-finite" in c.note for c in report.failures)
     assert np.isfinite(report.checks[0].max_abs)
+
+
+# ------------------------------------------------------------------------------ GRU ports
+# Hand-written GRU ports with the GRU's parameter paths (params/layer_0/ih_kernel, hh_kernel,
+# ih_bias, hh_bias: jax_impl.GRU's), one layer, batch-first. ``variant`` picks the update; only
+# "torch" is torch's GRU (jax_impl.cells.gru_update):
+#   r = σ(x_r + h_r), z = σ(x_z + h_z), n = tanh(x_n + r * h_n), h' = (1 - z) * n + z * h
+# with x_* = W_i* x + b_i* and h_* = W_h* h + b_h*.
+
+
+def _gru_update(variant: str, p, x, h):
+    """One step of ``variant`` from the layer's params ``p`` (Flax layout, (in, 3H) kernels)."""
+    from_x = x @ p["ih_kernel"] + p["ih_bias"]
+    from_h = h @ p["hh_kernel"] + p["hh_bias"]
+    x_r, x_z, x_n = jnp.split(from_x, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(from_h, 3, axis=-1)
+    if variant == "r-z-swapped":  # reads the blocks as z, r, n
+        x_r, x_z, h_r, h_z = x_z, x_r, h_z, h_r
+    r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+    if variant == "reset-before-matmul":  # the textbook GRU: W_hn (r * h) + b_hn
+        w_hn = jnp.split(p["hh_kernel"], 3, axis=-1)[2]
+        b_hn = jnp.split(p["hh_bias"], 3, axis=-1)[2]
+        n = jnp.tanh(x_n + (r * h) @ w_hn + b_hn)
+    elif variant == "b-hn-merged":  # b_hn added with b_in, outside the reset gate
+        b_hn = jnp.split(p["hh_bias"], 3, axis=-1)[2]
+        n = jnp.tanh(x_n + b_hn + r * (h_n - b_hn))
+    else:
+        n = jnp.tanh(x_n + r * h_n)
+    if variant == "one-minus-z-swapped":  # h' = z * n + (1 - z) * h
+        return z * n + (1.0 - z) * h
+    return (1.0 - z) * n + z * h
+
+
+class _GRUPort(nn.Module):
+    """A one-layer batch-first GRU port; ``variant`` selects the update (see _gru_update)."""
+
+    variant: str
+
+    @nn.compact
+    def __call__(self, x, carry=None, *, seq_lengths=None):
+        p = self.variables["params"]["layer_0"]
+        h, ys = jax.lax.scan(lambda h, xt: (_gru_update(self.variant, p, xt, h),) * 2,
+                             carry[0], jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), h[None]
+
+
+WRONG_GRU_PORTS = ["reset-before-matmul", "r-z-swapped", "b-hn-merged", "one-minus-z-swapped"]
+
+
+def _gru():
+    torch.manual_seed(0)
+    return torch.nn.GRU(5, 7, batch_first=True)
+
+
+def _compare_gru_port(variant, dtype, gru=None, **kwargs):
+    gru = (gru or _gru()).to(dtype)
+    x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(1))
+    with jax.enable_x64(dtype == torch.float64):
+        _, variables = to_jax(gru)
+        return compare(gru, x, jax_module=_GRUPort(variant), variables=variables, dtype=dtype,
+                       **kwargs)
+
+
+GRU_CHECKS = dict(chunks=[4, 5], initial_state="random", grads=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_correct_gru_port_passes_the_same_checks(dtype):
+    """The control: the same hand-written port with torch's update is ok, and so is the
+    converted jax_impl.GRU, under the comparison every wrong port below fails."""
+    report = _compare_gru_port("torch", dtype, **GRU_CHECKS)
+    report.assert_ok()
+    assert {c.tensor for c in report.checks} >= {
+        "output", "h_n", "grad/input", "grad/h_0", "grad/weight_hh_l0", "grad/bias_hh_l0"
+    }
+    compare(_gru().to(dtype), torch.randn(3, 9, 5), dtype=dtype, **GRU_CHECKS).assert_ok()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", WRONG_GRU_PORTS)
+def test_wrong_gru_port_fails(variant, dtype):
+    """Each wrong GRU is caught in both dtypes, by the forward checks (full and chunked) and by
+    the by-name gradients (the weights reach the output differently)."""
+    report = _compare_gru_port(variant, dtype, **GRU_CHECKS)
+    assert not report.ok
+    failed = {(c.run, c.tensor) for c in report.failures}
+    assert {("full", "output"), ("full", "h_n"), ("chunks 4+5", "output")} <= failed, failed
+    assert any(t.startswith("grad/weight_") for _, t in failed), failed
+    assert all(c.note == "" for c in report.failures)  # numbers off, not a shape or a NaN
+
+
+def test_merged_b_hn_is_caught_by_the_forward_checks_and_only_while_r_is_not_1():
+    """b_hn moved outside the reset gate equals torch's GRU exactly when r = 1. With weights as
+    initialised r is about 0.5, and the forward checks catch it (output and h_n, by far more
+    than the bound); the gradient of bias_hh_l0 differs too. With r saturated at 1 (b_ir = 50:
+    σ(50) rounds to 1 in float64) the forward values agree to rounding: no forward check can
+    see this bug unless r differs from 1, which random weights ensure."""
+    report = _compare_gru_port("b-hn-merged", torch.float64, **GRU_CHECKS)
+    failed = {c.tensor: c for c in report.failures if c.run == "full"}
+    assert {"output", "h_n", "grad/bias_hh_l0"} <= set(failed)
+    assert failed["output"].max_abs > 1e3 * failed["output"].bound
+
+    saturated = _gru().double()
+    with torch.no_grad():
+        saturated.bias_ih_l0[:7] = 50.0  # b_ir: r = σ(50 + ...) == 1.0 in float64
+    report = _compare_gru_port("b-hn-merged", torch.float64, saturated, chunks=[4, 5],
+                               initial_state="random")
+    assert report.ok  # the blind spot, documented: r == 1 makes the two GRUs one function
