@@ -31,6 +31,7 @@ from .checks import (
     SequenceLayout,
     as_pair,
     check_backward,
+    check_carry,
     check_dropout,
     check_input,
     check_int,
@@ -438,6 +439,11 @@ class _Cell(nn.RNNCellBase):
     @nn.nowrap
     def _step(self, weights: Any, carry: Any, x: Array) -> tuple[Any, Array]:
         """The step from the declared weights (``jax_impl.nnx``'s cells call it too)."""
+        expected = jax.tree_util.tree_map(jnp.shape, self.initialize_carry(None, x.shape))
+        if isinstance(expected, LSTMState):
+            expected = LSTMState(*expected)
+        checked = check_carry(carry, expected, "batch, ..., features")
+        carry = tuple(checked) if type(carry) is tuple else checked  # keep the caller's type
         dtype = computation_dtype(self.dtype, x, weights)
         carry = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
         return self._cell()(cast_weights(weights, dtype), carry, x.astype(dtype))

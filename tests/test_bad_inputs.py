@@ -132,6 +132,30 @@ def float64_checkpoint_outside_x64(tmp_path):
         return load_stream(path, "jax")
 
 
+def convlstm_channels_first():
+    model = jax_impl.ConvLSTM(16, 3)
+    variables = model.init(jax.random.key(0), jnp.ones((2, 4, 8, 8, 3)))
+    return model.apply(variables, jnp.ones((2, 4, 3, 8, 8)))  # torch's (B, T, C, H, W)
+
+
+def _float64_lstm():
+    with jax.enable_x64(True):
+        lstm = jax_impl.LSTM(4, param_dtype=jnp.float64)
+        return lstm, lstm.init(jax.random.key(0), jnp.ones((2, 3, 3), jnp.float64))
+
+
+def float64_apply_outside_x64():
+    lstm, variables = _float64_lstm()
+    with jax.enable_x64(False):
+        return lstm.apply(variables, jnp.ones((2, 3, 3)))
+
+
+def float64_stateful_outside_x64():
+    lstm, variables = _float64_lstm()
+    with jax.enable_x64(False):
+        return jax_impl.Stateful(lstm, variables)
+
+
 # ------------------------------------------------------------------------------ catalogue
 # (id, call(tmp_path), error type, regex naming the expected and the received value)
 
@@ -356,7 +380,7 @@ CATALOGUE: list[tuple[str, Callable[[Any], Any], type, str]] = [
      TypeError, r"initial_state must be one tensor h for GRU, got a tuple of 2 \(an LSTM's \(h, c\)\?\)"),
     ("compare-dtype-without-bound",
      lambda _: compare(torch.nn.LSTM(3, 4), torch.randn(6, 2, 3), dtype=torch.float16), TypeError,
-     r"dtype torch.float16 has no parity bound; expected torch.float32 or torch.float64"),
+     r"dtype torch.float16 has no fixed parity bound; expected torch.float32 or torch.float64"),
     # --- parity.checkpoint
     ("checkpoint-truncated", lambda p: load_stream(saved_checkpoint(p, lambda b: b[: len(b) // 2]), "jax"),
      ValueError, r"has \d+ bytes, expected \d+ from its header: truncated or corrupted"),
@@ -375,19 +399,31 @@ CATALOGUE: list[tuple[str, Callable[[Any], Any], type, str]] = [
     ("checkpoint-unsupported-expect",
      lambda p: load_stream(gru_checkpoint(p), "torch", expect=torch.nn.GRUCell(3, 8)), TypeError,
      r"GRUCell is a gru_cell; a stream checkpoint holds an LSTM, GRU, RNN or ConvLSTM"),
-]
-
-# Messages that do not yet name what was expected (the error comes from inside jax.numpy, not
-# from a check): xfail until the cells check their carry. jax_impl/linen.py ``_Cell.__call__``
-# casts and uses the carry unchecked (the sequence modules check theirs in jax_impl/stack.py).
-POOR_MESSAGES: list[tuple[str, Callable[[Any], Any], type, str]] = [
     ("jax-gru-cell-carry-pair",
      lambda _: jax_impl.GRUCell(8).init(jax.random.key(0), zeros_carry((2, 8)), jnp.ones((2, 3))),
      TypeError, r"carry must be one array h of shape \(2, 8\), got a tuple of 2"),
     ("jax-gru-cell-carry-hidden-size",
      lambda _: jax_impl.GRUCell(8).init(jax.random.key(0), jnp.zeros((2, 9)), jnp.ones((2, 3))),
      ValueError, r"carry h has shape \(2, 9\), expected \(2, 8\)"),
+    # --- new-user probes: layouts, precision, materialization
+    ("jax-convlstm-channels-first", lambda _: convlstm_channels_first(), ValueError,
+     r"input has shape \(2, 4, 3, 8, 8\): it looks channels-first \(\.\.\., C, H, W\) with C=3, but the "
+     r"JAX ConvLSTM is channels-last"),
+    ("jax-float64-apply-outside-x64", lambda _: float64_apply_outside_x64(), TypeError,
+     r"the input, carry or parameters holds float64 arrays but JAX's x64 mode is off, so it would "
+     r"silently run in float32; call it inside `with jax.enable_x64\(True\):`"),
+    ("jax-float64-stateful-outside-x64", lambda _: float64_stateful_outside_x64(), TypeError,
+     r"Stateful's variables holds float64 arrays but JAX's x64 mode is off"),
+    ("to-jax-meta-parameters", lambda _: to_jax(torch.nn.LSTM(3, 4, device="meta")), ValueError,
+     r"the module's parameters are on the 'meta' device \(not materialized\): call "
+     r"module.to_empty\(device='cpu'\) and load its weights"),
+    ("compare-meta-parameters", lambda _: compare(torch.nn.GRU(3, 4, device="meta"), torch.randn(5, 2, 3)),
+     ValueError, r"on the 'meta' device \(not materialized\)"),
+    ("compare-bfloat16-grads",
+     lambda _: compare(torch.nn.LSTM(3, 4), torch.randn(5, 2, 3), dtype=torch.bfloat16, grads=True),
+     ValueError, r"grads and dropout_masks are not supported in bfloat16"),
 ]
+
 
 
 @pytest.mark.parametrize(
@@ -397,17 +433,6 @@ def test_bad_input_is_a_clear_error(tmp_path, call, error, message):
     with pytest.raises(error, match=message) as raised:
         call(tmp_path)
     assert type(raised.value) is error  # not a subclass (e.g. a library's own error type)
-
-
-@pytest.mark.xfail(strict=True, reason="GRUCell (jax_impl/linen.py _Cell) does not check its carry: "
-                   "the error is jax.numpy's, without the expected shape")
-@pytest.mark.parametrize(
-    "call, error, message", [c[1:] for c in POOR_MESSAGES], ids=[c[0] for c in POOR_MESSAGES]
-)
-def test_cell_carry_errors_name_the_expected_carry(tmp_path, call, error, message):
-    with pytest.raises(error, match=message) as raised:
-        call(tmp_path)
-    assert type(raised.value) is error
 
 
 def test_catalogue_is_broad():
