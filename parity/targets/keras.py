@@ -5,7 +5,9 @@ Keras needs its JAX backend: importing this module sets ``KERAS_BACKEND=jax`` un
 must come before keras' first import); a layer of keras imported with another backend is a
 RuntimeError saying so when it is converted or compared.
 
-Weights, per torch module (one layer, one direction):
+Weights, per torch module (one layer; a bidirectional one is a ``keras.layers.Bidirectional(
+layer, merge_mode="concat")`` whose forward and backward layers hold ``*_l0`` and
+``*_l0_reverse``):
 
 * nn.LSTM / LSTMCell -> ``LSTM`` / ``LSTMCell``: ``kernel (F, 4H)``, ``recurrent_kernel
   (H, 4H)`` in torch's gate order (i, f, c, o), ``bias (4H,) = bias_ih + bias_hh``.
@@ -37,20 +39,23 @@ device). A layer a user builds with the defaults is compared as it is: within th
 in float32, about 5e-8 off in float64.
 
 Running (``port``): ``layer.stateless_call`` with the trainable variables (a list in
-``layer.trainable_variables`` order) as the differentiated variables, batch-major (a time-major
-torch module's input is transposed), the carry in torch's order (``[h, c]`` is also Keras'),
+``layer.trainable_variables`` order, each weight found by identity) as the differentiated
+variables, batch-major (a time-major torch module's input is transposed), the carry in torch's
+order (``[h, c]`` is also Keras'; a Bidirectional takes ``[h_fwd, c_fwd, h_bwd, c_bwd]``),
 packed lengths as Keras' ``mask`` with the outputs past each length set to zero (torch's
-``pad_packed_sequence``; Keras keeps the state there, as torch does). The layer must return
+``pad_packed_sequence``; Keras keeps the state there, as torch does, and its backward layer
+starts at each sequence's last step, as torch's reverse direction does). The layer must return
 sequences and states (``return_sequences=True, return_state=True``; ``to_jax`` builds it so,
 with ``zero_output_for_mask=True``). A layer whose kernels do not fit the torch module is a
 ValueError naming the weight and both shapes; other differences (a missing bias, a GRU with
 ``reset_after=False``) run and are reported by the comparison.
 
-Not expressible (ValueError): ``num_layers > 1``, ``bidirectional``, ``proj_size``,
-``time_major=True`` (Keras layers are batch-major), torch_impl.ConvLSTMCell (Keras exports no
-ConvLSTM cell); back to torch: ``go_backwards``, GRU ``reset_after=False``, activations other
+Not expressible (ValueError): ``num_layers > 1``, ``proj_size``, ``time_major=True`` (Keras
+layers are batch-major), torch_impl.ConvLSTMCell (Keras exports no ConvLSTM cell); back to
+torch: ``go_backwards`` (outside a Bidirectional), GRU ``reset_after=False``, activations other
 than tanh (relu for SimpleRNN) and sigmoid, ConvLSTM ``strides``, ``padding="valid"`` and
-``dilation_rate``. ``to_torch`` ignores what only matters in training or for the call
+``dilation_rate``, a Bidirectional's ``merge_mode`` other than ``"concat"`` or a backward
+layer unlike its forward one. ``to_torch`` ignores what only matters in training or for the call
 (``dropout``, ``recurrent_dropout``, ``stateful``, ``unroll``, regularizers, constraints):
 torch's dropout is between layers and a one-layer module has none.
 """
@@ -136,11 +141,12 @@ def _activation_name(fn: Any) -> str:
 
 # ------------------------------------------------------------------------------ the tables
 
+Path = tuple[str, ...]
 
-def _gru_biases(bias_ih: str, bias_hh: str) -> Piece:
+
+def _gru_biases(bias_ih: str, bias_hh: str, path: Path) -> Piece:
     """torch's two GRU biases as Keras' ``bias (2, 3H)``, each row in Keras' gate order."""
-    rows = [gate_blocks(name, [("bias",)], GRU_ORDER, transpose=False)
-            for name in (bias_ih, bias_hh)]
+    rows = [gate_blocks(name, [path], GRU_ORDER, transpose=False) for name in (bias_ih, bias_hh)]
 
     def to_jax(b_ih, b_hh):
         return (np.stack([rows[0].to_jax(b_ih)[0], rows[1].to_jax(b_hh)[0]]),)
@@ -149,10 +155,10 @@ def _gru_biases(bias_ih: str, bias_hh: str) -> Piece:
         return rows[0].to_torch(bias[0])[0], rows[1].to_torch(bias[1])[0]
 
     # a permutation and a stack: the adjoint is the inverse
-    return Piece((bias_ih, bias_hh), (("bias",),), to_jax, to_torch, to_torch)
+    return Piece((bias_ih, bias_hh), (path,), to_jax, to_torch, to_torch)
 
 
-def _conv_kernel(torch_name: str, path: str, dilation: tuple[int, int]) -> Piece:
+def _conv_kernel(torch_name: str, path: Path, dilation: tuple[int, int]) -> Piece:
     """torch's ``(4F, C, kh, kw)`` as Keras' ``(kh, kw, C, 4F)``; for a dilation, zero-stuffed
     to ``d * (k - 1) + 1`` taps (Keras dilates only its input convolution). Back and for
     gradients: the taps at the dilated positions (sub-sampling, the adjoint of stuffing)."""
@@ -170,25 +176,54 @@ def _conv_kernel(torch_name: str, path: str, dilation: tuple[int, int]) -> Piece
     def to_torch(kernel):
         return (CONV.to_torch(np.asarray(kernel)[::dh, ::dw]),)
 
-    return Piece((torch_name,), ((path,),), to_jax, to_torch, to_torch)
+    return Piece((torch_name,), (path,), to_jax, to_torch, to_torch)
 
 
-def _table(kind: str, suffix: str, bias: bool, dilation: tuple[int, int] = (1, 1)) -> list[Piece]:
-    """torch names (``weight_ih{suffix}`` ...) <-> the Keras layer's weights, by name."""
+def _table(kind: str, suffix: str, bias: bool, dilation: tuple[int, int] = (1, 1),
+           prefix: Path = ()) -> list[Piece]:
+    """torch names (``weight_ih{suffix}`` ...) <-> the Keras layer's weights (``prefix +
+    (kernel,)`` ...)."""
     ih, hh = f"weight_ih{suffix}", f"weight_hh{suffix}"
     biases = (f"bias_ih{suffix}", f"bias_hh{suffix}")
+    kernel, recurrent, bias_path = (prefix + (n,) for n in ("kernel", "recurrent_kernel", "bias"))
     if kind.startswith("gru"):
-        table = [gate_blocks(ih, [("kernel",)], GRU_ORDER),
-                 gate_blocks(hh, [("recurrent_kernel",)], GRU_ORDER)]
-        return table + ([_gru_biases(*biases)] if bias else [])
+        table = [gate_blocks(ih, [kernel], GRU_ORDER), gate_blocks(hh, [recurrent], GRU_ORDER)]
+        return table + ([_gru_biases(*biases, bias_path)] if bias else [])
     if kind == "convlstm":
-        table = [_conv_kernel(ih, "kernel", dilation),
-                 _conv_kernel(hh, "recurrent_kernel", dilation)]
+        table = [_conv_kernel(ih, kernel, dilation), _conv_kernel(hh, recurrent, dilation)]
     else:  # LSTM (Keras' i, f, c, o is torch's order) and RNN
-        table = [transposed(ih, ("kernel",)), transposed(hh, ("recurrent_kernel",))]
+        table = [transposed(ih, kernel), transposed(hh, recurrent)]
     if bias:
-        table.append(summed(biases, lambda name: as_is(name, ("bias",))))
+        table.append(summed(biases, lambda name: as_is(name, bias_path)))
     return table
+
+
+def _torch_table(spec, module) -> list[Piece]:
+    """The table of a torch module: one layer, or its two directions under ``forward`` and
+    ``backward`` (a ``keras.layers.Bidirectional``)."""
+    if spec.is_cell:
+        return _table(spec.kind, "", module.bias)
+    if getattr(module, "bidirectional", False):
+        return (_table(spec.kind, "_l0", module.bias, prefix=("forward",))
+                + _table(spec.kind, "_l0_reverse", module.bias, prefix=("backward",)))
+    dilation = tuple(module.dilation) if spec.kind == "convlstm" else (1, 1)
+    return _table(spec.kind, "_l0", module.bias, dilation)
+
+
+def _nest(flat: dict[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _at(tree: dict, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 # ------------------------------------------------------------------------------ torch -> Keras
@@ -206,26 +241,22 @@ def _check(spec, module, time_major=None) -> None:
     if not spec.is_cell:
         if module.num_layers != 1:
             raise unsupported("num_layers", NAME, module.num_layers)
-        if getattr(module, "bidirectional", False):
-            raise unsupported("bidirectional", NAME, True)
         if getattr(module, "proj_size", 0):
             raise unsupported("proj_size", NAME, module.proj_size)
     if time_major:
         raise unsupported("time_major", NAME, True)
 
 
-def _suffix(spec) -> str:
-    return "" if spec.is_cell else "_l0"
-
-
-def _dilation(spec, module) -> tuple[int, int]:
-    return tuple(module.dilation) if spec.kind == "convlstm" else (1, 1)
-
-
-def _weight_variables(layer: Any) -> dict[str, Any]:
-    """The layer's weight variables by name (``kernel``, ``recurrent_kernel``, ``bias``)."""
+def _weights(layer: Any) -> dict[Path, Any]:
+    """The layer's weight variables by path: ``(kernel,)``, ``(recurrent_kernel,)``,
+    ``(bias,)``; under ``forward`` / ``backward`` for a Bidirectional."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        return {(side,) + path: variable
+                for side, sub in (("forward", layer.forward_layer),
+                                  ("backward", layer.backward_layer))
+                for path, variable in _weights(sub).items()}
     cell = getattr(layer, "cell", layer)
-    return {name: getattr(cell, name) for name in ("kernel", "recurrent_kernel", "bias")
+    return {(name,): getattr(cell, name) for name in ("kernel", "recurrent_kernel", "bias")
             if getattr(cell, name, None) is not None}
 
 
@@ -249,12 +280,11 @@ def to_jax(spec, module, state, *, time_major=None):
     """``(Keras layer, None)``: a built layer holding the torch weights."""
     _require_jax_backend()
     _check(spec, module, time_major)
-    dtype = np.dtype(state[f"weight_ih{_suffix(spec)}"].dtype).name
-    arrays = apply_table(_table(spec.kind, _suffix(spec), module.bias, _dilation(spec, module)),
-                         state)
+    dtype = np.dtype(state["weight_ih" if spec.is_cell else "weight_ih_l0"].dtype).name
+    arrays = apply_table(_torch_table(spec, module), state)
     activation = relu if getattr(module, "nonlinearity", "tanh") == "relu" else tanh
     common = dict(activation=activation, use_bias=module.bias, dtype=dtype)
-    if spec.kind != "rnn" and spec.kind != "rnn_cell":
+    if not spec.kind.startswith("rnn"):
         common["recurrent_activation"] = sigmoid
     if spec.kind.startswith("gru"):
         common["reset_after"] = True
@@ -273,9 +303,16 @@ def to_jax(spec, module, state, *, time_major=None):
         _build(layer, (None, module.input_size))
     else:
         layer = cls(module.hidden_size, zero_output_for_mask=True, **common)
-        _build(layer, (None, None, module.input_size))
-    for name, variable in _weight_variables(layer).items():
-        variable.assign(arrays[name])
+        shape = (None, None, module.input_size)
+        if module.bidirectional:  # the backward layer: a copy with go_backwards=True
+            layer = keras.layers.Bidirectional(layer, merge_mode="concat", dtype=dtype)
+            _build(layer.forward_layer, shape)
+            _build(layer.backward_layer, shape)
+            layer.build(shape)
+        else:
+            _build(layer, shape)
+    for path, variable in _weights(layer).items():
+        variable.assign(_at(arrays, path))
     return layer, None
 
 
@@ -283,17 +320,35 @@ def to_jax(spec, module, state, *, time_major=None):
 
 
 def _kind_of(layer: Any) -> str:
+    if isinstance(layer, keras.layers.Bidirectional):
+        kind = _kind_of(layer.forward_layer)
+        if kind not in ("lstm", "gru", "rnn"):
+            raise unsupported(f"a Bidirectional {type(layer.forward_layer).__name__}", NAME)
+        return kind
     for kind, cls in _layer_classes().items():
         if isinstance(layer, cls):
             return kind
     raise TypeError(f"not a supported Keras layer: {type(layer).__name__}")
 
 
-def _check_layer_options(kind: str, layer: Any) -> None:
+def _check_layer_options(kind: str, layer: Any, backwards: bool = False) -> None:
     """Options of a Keras layer torch cannot express (ValueError naming them)."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        if layer.merge_mode != "concat":
+            raise unsupported("merge_mode", NAME, layer.merge_mode)
+        if _kind_of(layer.backward_layer) != kind:
+            raise unsupported("a backward_layer of another kind", NAME)
+        _check_layer_options(kind, layer.forward_layer)
+        _check_layer_options(kind, layer.backward_layer, backwards=True)
+        forward, backward = (_options(kind, sub) for sub in
+                             (layer.forward_layer, layer.backward_layer))
+        if forward != backward:
+            raise unsupported("a backward_layer with other options", NAME,
+                              {k: v for k, v in backward.items() if forward[k] != v})
+        return
     cell = getattr(layer, "cell", layer)
-    if getattr(layer, "go_backwards", False):
-        raise unsupported("go_backwards", NAME, True)
+    if getattr(layer, "go_backwards", False) != backwards:
+        raise unsupported("go_backwards", NAME, not backwards)
     if kind.startswith("gru") and not cell.reset_after:
         raise unsupported("reset_after", NAME, False)
     allowed = ("tanh", "relu") if kind.startswith("rnn") else ("tanh",)
@@ -316,92 +371,98 @@ def _check_layer_options(kind: str, layer: Any) -> None:
             )
 
 
+def _options(kind: str, layer: Any) -> dict:
+    """The torch constructor options a Keras layer (not a Bidirectional) stands for."""
+    cell = getattr(layer, "cell", layer)
+    options = {"bias": bool(cell.use_bias)}
+    if kind.startswith("rnn"):
+        options["nonlinearity"] = _activation_name(cell.activation)
+    return options
+
+
 def to_torch(layer, variables=None):
-    """The torch module (nn.LSTM / GRU / RNN ``batch_first=True``, torch_impl.ConvLSTM2d
-    ``batch_first=True``, or the cell) with the layer's weights; ``variables``: other values
-    for the layer's trainable variables (a list in their order), default the layer's own."""
+    """The torch module (nn.LSTM / GRU / RNN ``batch_first=True``, bidirectional for a
+    ``keras.layers.Bidirectional``, torch_impl.ConvLSTM2d ``batch_first=True``, or the cell)
+    with the layer's weights; ``variables``: other values for the layer's trainable variables
+    (a list in their order), default the layer's own."""
     _require_jax_backend()
     kind = _kind_of(layer)
     _check_layer_options(kind, layer)
     if not getattr(layer, "built", False):
         raise ValueError(f"the Keras {type(layer).__name__} is not built: it has no weights yet")
-    weights = {name: np.asarray(v.value) for name, v in _weight_variables(layer).items()}
+    bidirectional = isinstance(layer, keras.layers.Bidirectional)
+    single = layer.forward_layer if bidirectional else layer
+    options = _options(kind, single)
+    weights = {path: np.asarray(v.value) for path, v in _weights(layer).items()}
     if variables is not None:
-        weights.update(_named(layer, variables))
-    cell = getattr(layer, "cell", layer)
-    bias = cell.use_bias
-    suffix = "" if kind.endswith("_cell") else "_l0"
-    state = table_to_torch(_table(kind, suffix, bias), weights, f"{NAME} {type(layer).__name__}")
+        weights.update(_by_path(layer, variables))
+    if kind.endswith("_cell"):
+        table = _table(kind, "", options["bias"])
+    elif bidirectional:
+        table = (_table(kind, "_l0", options["bias"], prefix=("forward",))
+                 + _table(kind, "_l0_reverse", options["bias"], prefix=("backward",)))
+    else:
+        table = _table(kind, "_l0", options["bias"])
+    state = table_to_torch(table, _nest(weights), f"{NAME} {type(layer).__name__}")
     from ..convert import numpy_to_tensor
 
-    dtype = numpy_to_tensor(np.zeros(0, state[f"weight_ih{suffix}"].dtype)).dtype
-    kernel = weights["kernel"]
+    first = next(iter(state.values()))
+    options["dtype"] = numpy_to_tensor(np.zeros(0, first.dtype)).dtype
+    kernel = weights[("forward", "kernel") if bidirectional else ("kernel",)]
+    cell = getattr(single, "cell", single)
     if kind == "convlstm":  # Keras' kernels are (kh, kw, in, out) in either data_format
         module = torch_impl.ConvLSTM2d(kernel.shape[2], cell.filters, tuple(kernel.shape[:2]),
-                                       bias=bias, batch_first=True, dtype=dtype)
+                                       batch_first=True, **options)
     else:
         torch_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN,
                        "lstm_cell": torch.nn.LSTMCell, "gru_cell": torch.nn.GRUCell,
                        "rnn_cell": torch.nn.RNNCell}[kind]
-        options = dict(bias=bias, dtype=dtype)
-        if kind.startswith("rnn"):
-            options["nonlinearity"] = _activation_name(cell.activation)
-        if suffix:
-            options["batch_first"] = True
+        if not kind.endswith("_cell"):
+            options.update(batch_first=True, bidirectional=bidirectional)
         module = torch_class(kernel.shape[0], cell.units, **options)
     module.load_state_dict({k: numpy_to_tensor(v) for k, v in state.items()})
     return module
 
 
-def _named(layer: Any, values: Any) -> dict[str, Any]:
-    """A list of arrays in ``layer.trainable_variables`` order, by variable name."""
+def _by_path(layer: Any, values: Any) -> dict[Path, Any]:
+    """Arrays in ``layer.trainable_variables`` order (the port's variables, or gradients) by
+    weight path; trainable variables that are no weight of the table are left out."""
     variables = layer.trainable_variables
-    if isinstance(values, dict):
-        return dict(values)
     if len(values) != len(variables):
         raise ValueError(
             f"expected {len(variables)} arrays (the layer's trainable variables "
-            f"{[v.name for v in variables]}), got {len(values)}"
+            f"{[v.path for v in variables]}), got {len(values)}"
         )
-    return {v.name: a for v, a in zip(variables, values)}
+    path_of = {id(v): path for path, v in _weights(layer).items()}
+    return {path_of[id(v)]: a for v, a in zip(variables, values) if id(v) in path_of}
 
 
 # ------------------------------------------------------------------------------ the port
 
 
-def _expected_shapes(table, module) -> dict[str, tuple]:
-    """The shapes of the Keras weights the torch module's weights give, by name."""
-    from ..convert import torch_param_arrays
-
-    return {name: a.shape for name, a in apply_table(table, torch_param_arrays(module)).items()}
-
-
-def _check_sizes(expected: dict, module, layer) -> None:
-    """The layer's kernels against ``expected``: ValueError naming the weight, the expected
-    and the received shape (a layer of other sizes cannot run on the module's inputs)."""
-    got = _weight_variables(layer)
-    for name in ("kernel", "recurrent_kernel"):
-        shape = tuple(got[name].shape) if name in got else None
-        if shape != expected[name]:
-            raise ValueError(
-                f"the Keras {type(layer).__name__}'s {name} does not fit the torch "
-                f"{type(module).__name__}: expected shape {expected[name]}, received {shape}"
-            )
-
-
 def port(spec, module, layer, variables):
     """Runs the layer (``stateless_call``) from a carry in torch's order."""
+    from ..convert import torch_param_arrays
     from ..harness import Port
 
     _require_jax_backend()
     _check(spec, module)
     kind = _kind_of(layer)
+    bidirectional = isinstance(layer, keras.layers.Bidirectional)
     cell_port = kind.endswith("_cell")
     if cell_port != spec.is_cell:
         raise ValueError(
             f"a Keras {type(layer).__name__} cannot run a torch {type(module).__name__}: "
             + ("use the Keras cell" if spec.is_cell else "use the Keras layer, not its cell")
         )
+    if bidirectional != bool(getattr(module, "bidirectional", False)):
+        raise ValueError(
+            f"a Keras {type(layer).__name__} cannot run a torch {type(module).__name__} with "
+            f"bidirectional={not bidirectional}: a bidirectional module is a "
+            "keras.layers.Bidirectional(merge_mode='concat')"
+        )
+    if bidirectional and layer.merge_mode != "concat":
+        raise unsupported("merge_mode", NAME, layer.merge_mode)
     if kind == "convlstm" and tuple(layer.cell.dilation_rate) != (1, 1):
         _check_layer_options(kind, layer)  # the dilation error
     if not cell_port and not (layer.return_sequences and layer.return_state):
@@ -410,19 +471,25 @@ def port(spec, module, layer, variables):
             f"return_state=True to be compared (got return_sequences={layer.return_sequences}, "
             f"return_state={layer.return_state})"
         )
-    table = _table(spec.kind, _suffix(spec), module.bias, _dilation(spec, module))
-    expected = _expected_shapes(table, module)
-    _check_sizes(expected, module, layer)
+    table = _torch_table(spec, module)
+    torch_arrays = torch_param_arrays(module)
+    expected = {path: a.shape for piece in table
+                for path, a in zip(piece.paths, piece.to_jax(*(torch_arrays[n]
+                                                               for n in piece.torch)))}
+    got = _weights(layer)
+    for path, shape in expected.items():  # a layer of other sizes cannot run on the inputs
+        if path[-1] != "bias" and (path not in got or tuple(got[path].shape) != shape):
+            received = tuple(got[path].shape) if path in got else None
+            raise ValueError(
+                f"the Keras {type(layer).__name__}'s {'/'.join(path)} does not fit the torch "
+                f"{type(module).__name__}: expected shape {shape}, received {received}"
+            )
     trainable = layer.trainable_variables
-    if variables is None:
-        variables = [v.value for v in trainable]
-    elif isinstance(variables, dict):
-        variables = [variables[v.name] for v in trainable]
-    variables = list(variables)
+    variables = list([v.value for v in trainable] if variables is None else variables)
     others = [v.value for v in layer.non_trainable_variables]
-    names = [v.name for v in trainable]
     channels_first = kind == "convlstm" and layer.cell.data_format == "channels_first"
     time_major = spec.is_cell or not module.batch_first
+    directions = 2 if bidirectional else 1
 
     def to_layer(a):  # channels-last frames as the layer takes them
         return jnp.moveaxis(a, -1, -3) if channels_first else a
@@ -436,7 +503,8 @@ def port(spec, module, layer, variables):
         batched = x.ndim == 2 + spec.feature_rank
         xs = x if batched else x[None]
         xs = jnp.swapaxes(xs, 0, 1) if (batched and time_major) else xs
-        states = [s[0] if batched else s[0][None] for s in carry]  # no layer axis, batched
+        # [h, c] per direction, forward first (Bidirectional's order), batched
+        states = [s[d] if batched else s[d][None] for d in range(directions) for s in carry]
         mask = None
         if lengths is not None:
             mask = jnp.arange(xs.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
@@ -448,7 +516,8 @@ def port(spec, module, layer, variables):
         y = jnp.swapaxes(y, 0, 1) if (batched and time_major) else y
         if not batched:
             y, final = y[0], [s[0] for s in final]
-        return y, tuple(s[None] for s in final)
+        count = len(carry)
+        return y, tuple(jnp.stack(final[k::count]) for k in range(count))
 
     def run_cell(variables, x, carry, lengths, masks):
         if lengths is not None:
@@ -467,25 +536,24 @@ def port(spec, module, layer, variables):
         return ys, tuple(final)
 
     def grads_as_torch(grads):
-        if len(grads) != len(names):
-            raise ValueError(f"expected gradients for {names}, got {len(grads)} arrays")
-        named = {n: np.asarray(g) for n, g in zip(names, grads)}
+        named = _by_path(layer, grads)
         for piece in table:
-            for (name,) in piece.paths:
-                if name not in named:
-                    raise ValueError(f"the Keras layer has no trainable {name} for torch's "
-                                     f"{', '.join(piece.torch)}")
-                if named[name].shape != expected[name]:
-                    raise ValueError(f"the Keras layer's {name} has shape {named[name].shape}, "
-                                     f"expected {expected[name]} for torch's "
-                                     f"{', '.join(piece.torch)}")
-        return grads_to_torch(table, named, f"{NAME} gradients")
+            for path in piece.paths:
+                if path not in named:
+                    raise ValueError(f"the Keras layer has no trainable {'/'.join(path)} for "
+                                     f"torch's {', '.join(piece.torch)}")
+                if np.shape(named[path]) != expected[path]:
+                    raise ValueError(f"the Keras layer's {'/'.join(path)} has shape "
+                                     f"{np.shape(named[path])}, expected {expected[path]} for "
+                                     f"torch's {', '.join(piece.torch)}")
+        return grads_to_torch(table, _nest({p: np.asarray(g) for p, g in named.items()}),
+                              f"{NAME} gradients")
 
     return Port(run_cell if cell_port else run_layer, grads_as_torch), variables
 
 
 def _owns(obj: Any) -> bool:
-    return isinstance(obj, tuple(_layer_classes().values()))
+    return isinstance(obj, tuple(_layer_classes().values()) + (keras.layers.Bidirectional,))
 
 
 TARGET = Target(NAME, "keras", to_jax, to_torch, port, owns=_owns)

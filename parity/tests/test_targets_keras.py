@@ -28,7 +28,6 @@ if keras.backend.backend() != "jax":
 
 # zeros at build (the weights are then set): Keras' default initializers take seconds to compile
 FAST = {"kernel_initializer": "zeros", "recurrent_initializer": "zeros"}
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 
 # name -> (torch module, input shape, compare options)
 CASES = {
@@ -44,6 +43,10 @@ CASES = {
     "convlstm-dilated": (lambda: torch_impl.ConvLSTM2d(2, 3, (3, 2), dilation=(2, 1),
                                                        batch_first=True), (2, 4, 2, 6, 5),
                          {"chunks": 2}),
+    "lstm-bidirectional": (lambda: torch.nn.LSTM(4, 5, bidirectional=True, batch_first=True),
+                           (2, 6, 4), {"chunks": 3}),
+    "gru-bidirectional": (lambda: torch.nn.GRU(4, 5, bidirectional=True), (6, 2, 4),
+                          {"chunks": 3}),
     "lstm-cell": (lambda: torch.nn.LSTMCell(4, 5), (6, 2, 4), {"chunks": 3}),
     "gru-cell": (lambda: torch.nn.GRUCell(4, 5), (6, 2, 4), {"chunks": 3}),
     "rnn-cell": (lambda: torch.nn.RNNCell(4, 5, nonlinearity="relu"), (6, 2, 4), {"chunks": 3}),
@@ -70,8 +73,18 @@ def _outputs(module, x, state=None):
         return [y, *(state if isinstance(state, tuple) else (state,))]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(CASES))
+# float64 validates every case; float32 runs of these variants go to the slow step
+SLOW_IN_FLOAT32 = {"convlstm-dilated", "gru-bidirectional", "lstm-time-major"}
+
+
+PORT_CASES = [
+    pytest.param(name, dtype, id=f"{name}-{tag}",
+                 marks=[pytest.mark.slow] if tag == "f32" and name in SLOW_IN_FLOAT32 else [])
+    for name in sorted(CASES) for dtype, tag in ((torch.float64, "f64"), (torch.float32, "f32"))
+]
+
+
+@pytest.mark.parametrize("name, dtype", PORT_CASES)
 def test_keras_port_matches_torch(name, dtype):
     torch.manual_seed(0)
     make, shape, options = CASES[name]
@@ -84,7 +97,8 @@ def test_keras_port_matches_torch(name, dtype):
         assert report.worst("output") <= 1e-14
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm-time-major", "gru", "rnn-relu"])
+@pytest.mark.parametrize("name", ["lstm", "lstm-time-major", "gru", "rnn-relu",
+                                  "lstm-bidirectional", "gru-bidirectional"])
 def test_packed_lengths_match_torch(name):
     """Keras' mask keeps the state past each length (torch's packed final state); the port
     zeroes the outputs there (torch's pad_packed_sequence)."""
@@ -98,7 +112,7 @@ def test_packed_lengths_match_torch(name):
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "rnn-relu", "convlstm-k2x4", "convlstm-dilated",
-                                  "lstm-cell", "gru-cell"])
+                                  "lstm-cell", "gru-cell", "lstm-bidirectional"])
 def test_round_trip_is_the_same_function(name):
     """torch -> Keras -> torch: summed biases come back as (sum, zeros) and a dilated
     ConvLSTM as its zero-stuffed undilated twin: equal as functions, in float64."""
@@ -116,12 +130,15 @@ def test_round_trip_is_the_same_function(name):
         assert (a - b).abs().max().item() <= FORWARD_ATOL[torch.float64]
 
 
-def test_gru_round_trip_is_bit_exact():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gru_round_trip_is_bit_exact(bidirectional):
     """The GRU keeps both biases (Keras' (2, 3H) bias): the state_dict comes back bit for bit."""
     torch.manual_seed(3)
-    module = torch.nn.GRU(4, 5, batch_first=True).double()
-    back = to_torch(_convert(module))
-    assert back.batch_first
+    module = torch.nn.GRU(4, 5, batch_first=True, bidirectional=bidirectional).double()
+    layer = _convert(module)
+    assert isinstance(layer, keras.layers.Bidirectional) == bidirectional
+    back = to_torch(layer)
+    assert back.batch_first and back.bidirectional == bidirectional
     for key, tensor in module.state_dict().items():
         assert back.state_dict()[key].dtype == tensor.dtype
         assert torch.equal(back.state_dict()[key], tensor), key
@@ -157,6 +174,19 @@ def test_the_layer_is_a_plain_keras_layer():
     twin.build((None, None, 4))
     twin.set_weights(layer.get_weights())
     np.testing.assert_array_equal(np.asarray(twin(x.numpy())[0]), np.asarray(layer(x.numpy())[0]))
+
+
+def test_a_saved_model_loads_with_the_same_function(tmp_path):
+    """The layer's activations (carryover>tanh, ...) are registered with keras.saving."""
+    torch.manual_seed(5)
+    layer = _convert(torch.nn.GRU(4, 5, batch_first=True), torch.float32)
+    model = keras.Sequential([keras.Input((6, 4)), layer])
+    model.save(tmp_path / "gru.keras")
+    loaded = keras.saving.load_model(tmp_path / "gru.keras")
+    assert loaded.layers[0].get_config()["activation"]["config"] == "carryover>tanh"
+    x = np.random.default_rng(0).standard_normal((2, 6, 4)).astype("float32")
+    for a, b in zip(model(x), loaded(x)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_layer_built_by_hand_passes():
@@ -274,7 +304,6 @@ def test_gru_reset_before_fails():
 
 @pytest.mark.parametrize("make, option", [
     (lambda: torch.nn.LSTM(4, 5, num_layers=2), "num_layers"),
-    (lambda: torch.nn.GRU(4, 5, bidirectional=True), "bidirectional"),
     (lambda: torch.nn.LSTM(4, 5, proj_size=3), "proj_size"),
     (lambda: torch_impl.ConvLSTMCell(2, 3, 3), "ConvLSTMCell"),
 ])
@@ -297,6 +326,12 @@ def test_time_major_is_unsupported():
     (lambda: keras.layers.ConvLSTM2D(3, 3, **FAST), "padding"),
     (lambda: keras.layers.ConvLSTM2D(3, 3, padding="same", dilation_rate=2,
                                              **FAST), "dilation_rate"),
+    (lambda: keras.layers.Bidirectional(keras.layers.LSTM(5, **FAST), merge_mode="sum"),
+     "merge_mode"),
+    (lambda: keras.layers.Bidirectional(
+        keras.layers.LSTM(5, **FAST),
+        backward_layer=keras.layers.LSTM(5, go_backwards=True, use_bias=False, **FAST)),
+     "backward_layer with other options"),
 ])
 def test_unsupported_keras_options_name_the_option(make, option):
     layer = make()
@@ -321,6 +356,7 @@ def test_a_layer_without_sequences_or_states_is_a_value_error():
         compare(torch.nn.LSTM(4, 5, batch_first=True), torch.randn(2, 6, 4), jax_module=layer)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, keras and JAX
 def test_another_keras_backend_is_a_clear_error():
     """keras imported with the torch backend: converting says what to do."""
     script = textwrap.dedent("""
