@@ -30,13 +30,14 @@ layer, merge_mode="concat")`` whose forward and backward layers hold ``*_l0`` an
   new.set_weights(layer.get_weights())``.
 
 Activations: Keras' ``"tanh"`` computes in float32 for float64 inputs (``ops.tanh`` casts with
-Keras' floatx), so a float64 layer built with the defaults matches torch only to ~5e-8. The
+Keras' floatx), so a float64 layer built with the defaults matches torch only to ~1e-7 (outputs
+4e-8 to 9e-8 measured for an LSTM and a GRU, 16 units, 20 steps). The
 layers built here use ``carryover>tanh``, ``carryover>sigmoid`` and ``carryover>relu``: the
 same functions in float32 (and bfloat16) and dtype-preserving in float64, registered with
 ``keras.saving`` (loading a saved model needs this module imported). They are not Keras' own
 objects, so Keras never takes its cuDNN LSTM path for them (the port is the plain scan on every
 device). A layer a user builds with the defaults is compared as it is: within the float32 bound
-in float32, about 5e-8 off in float64.
+in float32, about 1e-7 off in float64 (over the 1e-12 bound).
 
 Running (``port``): ``layer.stateless_call`` with the trainable variables (a list in
 ``layer.trainable_variables`` order, each weight found by identity) as the differentiated
