@@ -114,15 +114,19 @@ def _check_b_hn(spec, module, state, ends) -> None:
                 "has no bias on W_hn h (target 'flax.linen' has)", NAME)
 
 
-def _new_cell(kind: str, module, dtype, rngs) -> Any:
+def _new_cell(kind: str, module, dtype) -> Any:
+    """The stock cell, its parameters abstract (no random init: ``to_jax`` sets them all)."""
     size = (module.input_size, module.hidden_size)
-    options = dict(param_dtype=dtype, dtype=None, rngs=rngs)
+    options = dict(param_dtype=dtype, dtype=None)
     if kind == "lstm":
-        return nnx.OptimizedLSTMCell(*size, **options)
-    if kind == "gru":
-        return nnx.GRUCell(*size, **options)
-    activation = jax.nn.relu if module.nonlinearity == "relu" else jnp.tanh
-    return nnx.SimpleCell(*size, activation_fn=activation, **options)
+        make = lambda: nnx.OptimizedLSTMCell(*size, **options, rngs=nnx.Rngs(0))
+    elif kind == "gru":
+        make = lambda: nnx.GRUCell(*size, **options, rngs=nnx.Rngs(0))
+    else:
+        activation = jax.nn.relu if module.nonlinearity == "relu" else jnp.tanh
+        make = lambda: nnx.SimpleCell(*size, activation_fn=activation, **options,
+                                      rngs=nnx.Rngs(0))
+    return nnx.eval_shape(make)
 
 
 def to_jax(spec, module, state, *, time_major=None):
@@ -134,17 +138,15 @@ def to_jax(spec, module, state, *, time_major=None):
     dtype = jnp.dtype(next(iter(state.values())).dtype)
     if not module.bias:  # NNX's cells always have biases: zeros
         state = with_zero_biases(state, ends, GATES[kind] * hidden_size(spec, module))
-    rngs = nnx.Rngs(0)
     if spec.is_cell:
-        obj = _new_cell(kind, module, dtype, rngs)
+        obj = _new_cell(kind, module, dtype)
     else:
         major = (not module.batch_first) if time_major is None else bool(time_major)
         if len(ends) == 2:
-            obj = nnx.Bidirectional(nnx.RNN(_new_cell(kind, module, dtype, rngs)),
-                                    nnx.RNN(_new_cell(kind, module, dtype, rngs)),
-                                    time_major=major)
+            obj = nnx.Bidirectional(nnx.RNN(_new_cell(kind, module, dtype)),
+                                    nnx.RNN(_new_cell(kind, module, dtype)), time_major=major)
         else:
-            obj = nnx.RNN(_new_cell(kind, module, dtype, rngs), time_major=major)
+            obj = nnx.RNN(_new_cell(kind, module, dtype), time_major=major)
     _, cells = _structure(obj)
     params = nnx.state(obj, nnx.Param)
     pure = nnx.to_pure_dict(params)
@@ -153,6 +155,8 @@ def to_jax(spec, module, state, *, time_major=None):
     arrays = jax.tree_util.tree_map(jnp.asarray, apply_table(pieces, state))
     nnx.replace_by_pure_dict(params, arrays)
     nnx.update(obj, params)
+    if not all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(nnx.state(obj))):
+        raise RuntimeError(f"{NAME}: a parameter of {type(obj).__name__} was left unset")
     return obj, None
 
 
