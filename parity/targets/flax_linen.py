@@ -490,6 +490,8 @@ def sequence_options(structure: str, obj: Any, what: str) -> dict:
     """batch_first and bidirectional of the torch sequence module for an RNN / Bidirectional."""
     if structure == "cell":
         return {}
+    if structure == "rnn" and obj.reverse:
+        raise ValueError(f"{what}: reverse=True (a backward-only RNN) has no torch equivalent")
     if structure == "bidirectional" and obj.merge_fn is not recurrent._concatenate:
         raise ValueError(f"{what}: merge_fn {obj.merge_fn!r}; torch concatenates forward and backward")
     return {"batch_first": not obj.time_major, "bidirectional": structure == "bidirectional"}

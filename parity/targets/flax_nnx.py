@@ -186,6 +186,8 @@ def to_torch(obj, variables=None):
     if any(_torch_expressible(c, kind, what) != options for c, _ in cells[1:]):
         raise ValueError(f"{what}: forward and backward cells have different options")
     if structure != "cell":
+        if structure == "rnn" and obj.reverse:
+            raise ValueError(f"{what}: reverse=True (a backward-only RNN) has no torch equivalent")
         if structure == "bidirectional" and obj.merge_fn is not recurrent._concatenate:
             raise ValueError(f"{what}: merge_fn {obj.merge_fn!r}; torch concatenates forward and backward")
         options.update(batch_first=not obj.time_major, bidirectional=structure == "bidirectional")
