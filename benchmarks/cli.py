@@ -1,6 +1,7 @@
 """``python -m benchmarks``: the whole suite, or the cases matching ``--only``.
 
 Case names: ``peak/sgemm``, ``lstm/{cfg1,cfg2,cfg3,cfg1-bidir,cfg1-proj}/{fwd,fwdbwd}``,
+``gru/{cfg1,cfg2,cfg3}/{fwd,fwdbwd}``, ``rnn/cfg1/{fwd,fwdbwd}``,
 ``convlstm/{c1,c2}/{fwd,fwdbwd}``, ``stream/cfg1/fwd``, ``stream/ragged``, ``first_call/cfg1``.
 The sgemm peak always runs (the "% peak" column needs it), at the start and again at the end.
 """
@@ -14,13 +15,13 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 # Imported before anything starts JAX's backends, so that --small-loop-kernels (an XLA option
 # of the whole process, see jax_impl/_xla_cpu.py) can still take effect.
@@ -32,15 +33,19 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 @dataclass
 class CaseSpec:
     name: str
-    family: str  # "peak", "lstm", "convlstm", "stream"
+    family: str  # "peak", "lstm", "gru", "rnn", "convlstm", "stream"
     config: Any
     pass_name: str
     build: Callable[[], list]
     flops: float
-    reference: str | None  # the "ratio vs torch oneDNN" column's denominator
-    alt_reference: str | None = None  # a second ratio column (torch on 1 thread)
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # extra named ratios
+    reference: Optional[str]  # the "ratio vs torch oneDNN" column's denominator
+    alt_reference: Optional[str] = None  # a second ratio column (torch on 1 thread)
+    # extra named ratios: (num, den), or (a, b, c, d) for the ratio of ratios (a / b) / (c / d)
+    pairs: list[tuple[str, ...]] = field(default_factory=list)
     schedule: Any = None
+    # competitors measured against their own references: name -> (reference, alt_reference)
+    # (the same-shape LSTM rows of a GRU/RNN case against torch's LSTM)
+    own_references: dict[str, tuple[str, Optional[str]]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ environment
@@ -67,14 +72,14 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _loadavg() -> list[float] | None:
+def _loadavg() -> Optional[list[float]]:
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         return None
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str) -> Optional[str]:
     try:
         return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent,
                               capture_output=True, text=True, timeout=10).stdout.strip()
@@ -131,8 +136,10 @@ def build_cases(quick: bool) -> list[CaseSpec]:
     from . import competitors as C  # noqa: PLC0415
     from .configs import (  # noqa: PLC0415
         CONVLSTM_CONFIGS,
+        GRU_CONFIGS,
         LSTM_CONFIGS,
         PASSES,
+        RNN_CONFIGS,
         SGEMM_SIZE,
         STREAM_CHUNK,
         STREAM_CONFIG,
@@ -177,17 +184,35 @@ def build_cases(quick: bool) -> list[CaseSpec]:
             cfg = dataclasses.replace(cfg, batch=batch)
         return cfg
 
-    for cfg0 in LSTM_CONFIGS:
-        cfg = shrink(cfg0)
-        for p in PASSES:
-            flops = pass_flops(cfg.forward_flops(), p)
-            cases.append(CaseSpec(
-                f"lstm/{cfg.name}/{p}", "lstm", cfg, p,
-                (lambda steps=None, batch=None, cfg=cfg, p=p:
-                 C.lstm_competitors(at(cfg, steps, batch), p)),
-                flops, C.TORCH_LSTM, alt_reference=C.TORCH_LSTM_1T,
-                schedule=with_pilot(big if cfg.name == "cfg2" else small, flops),
-            ))
+    for family, configs in (("lstm", LSTM_CONFIGS), ("gru", GRU_CONFIGS), ("rnn", RNN_CONFIGS)):
+        for cfg0 in configs:
+            cfg = shrink(cfg0)
+            torch_ref, torch_1t, jax_name, flax_name = C.dense_names(cfg.cell)
+            for p in PASSES:
+                flops = pass_flops(cfg.forward_flops(), p)
+                pairs = []
+                if family != "lstm":
+                    pairs.append((jax_name, flax_name))
+                    if p == "fwd":  # the same-shape LSTM runs in these rounds (see competitors)
+                        pairs += [
+                            (jax_name, torch_ref, C.SAME_JAX_LSTM, C.SAME_TORCH_LSTM),
+                            (jax_name, torch_1t, C.SAME_JAX_LSTM, C.SAME_TORCH_LSTM_1T),
+                            (jax_name, C.SAME_JAX_LSTM),
+                            (torch_ref, C.SAME_TORCH_LSTM),
+                            (torch_1t, C.SAME_TORCH_LSTM_1T),
+                        ]
+                cases.append(CaseSpec(
+                    f"{family}/{cfg.name}/{p}", family, cfg, p,
+                    (lambda steps=None, batch=None, cfg=cfg, p=p:
+                     C.dense_competitors(at(cfg, steps, batch), p)),
+                    flops, torch_ref, alt_reference=torch_1t, pairs=pairs,
+                    schedule=with_pilot(big if cfg.name == "cfg2" else small, flops),
+                    own_references={} if family == "lstm" or p != "fwd" else {
+                        C.SAME_TORCH_LSTM: (C.SAME_TORCH_LSTM, C.SAME_TORCH_LSTM_1T),
+                        C.SAME_TORCH_LSTM_1T: (C.SAME_TORCH_LSTM, C.SAME_TORCH_LSTM_1T),
+                        C.SAME_JAX_LSTM: (C.SAME_TORCH_LSTM, C.SAME_TORCH_LSTM_1T),
+                    },
+                ))
     for cfg0 in CONVLSTM_CONFIGS:
         cfg = shrink(cfg0)
         for p in PASSES:
@@ -210,7 +235,7 @@ def build_cases(quick: bool) -> list[CaseSpec]:
     return cases
 
 
-def _ms(x: float | None) -> float | None:
+def _ms(x: Optional[float]) -> Optional[float]:
     return None if x is None else 1e3 * x
 
 
@@ -231,15 +256,17 @@ def pilot(spec: CaseSpec, log=print) -> dict:
     for c in competitors:
         med = ct.median(c.name)
         predicted[c.name] = None if med is None else med * steps / short * batch / small_batch
-    estimates = ", ".join(f"{k} {v:.2f} s" for k, v in predicted.items() if v is not None)
-    log(f"    pilot T={short} B={small_batch}: predicted full call {estimates}")
+    shown = ", ".join(f"{k} {v:.2f} s" for k, v in predicted.items() if v is not None)
+    log(f"    pilot T={short} B={small_batch}: predicted full call {shown}")
     return {"steps": short, "batch": small_batch, "times_s": ct.times, "warmup_s": ct.warmup_times,
             "predicted_s": predicted, "errors": ct.errors}
 
 
-def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
-              pilot_info: dict | None = None, skipped: frozenset = frozenset()) -> dict:
+def summarize(spec: CaseSpec, ct, peak_flops: Optional[float], competitors,
+              pilot_info: Optional[dict] = None, skipped: frozenset = frozenset()) -> dict:
     """Medians, GFLOP/s, % of peak and paired ratios of one case."""
+    from .configs import pass_flops  # noqa: PLC0415
+
     reference = spec.reference
     if reference not in ct.times and spec.family == "convlstm":
         from .competitors import TORCH_NAIVE  # noqa: PLC0415
@@ -247,7 +274,13 @@ def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
     rows = []
     for c in competitors:
         med = ct.median(c.name)
-        gflops = spec.flops / med / 1e9 if med else None
+        flops = spec.flops
+        ref, alt = reference, spec.alt_reference
+        if c.name in spec.own_references:
+            ref, alt = spec.own_references[c.name]
+            flops = pass_flops(dataclasses.replace(spec.config, cell="lstm").forward_flops(),
+                               spec.pass_name)
+        gflops = flops / med / 1e9 if med else None
         row = {
             "name": c.name,
             "framework": c.framework,
@@ -259,13 +292,15 @@ def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
             "min_ms": _ms(min(ct.times[c.name])) if ct.times.get(c.name) else None,
             "gflops": gflops,
             "pct_peak": (100.0 * gflops * 1e9 / peak_flops) if gflops and peak_flops else None,
-            "ratio_vs_ref": ct.ratio(c.name, reference) if reference else None,
-            "ratio_vs_ref_per_rep": ct.paired_ratios(c.name, reference) if reference else [],
-            "ratio_vs_alt": ct.ratio(c.name, spec.alt_reference) if spec.alt_reference else None,
+            "ratio_vs_ref": ct.ratio(c.name, ref) if ref else None,
+            "ratio_vs_ref_per_rep": ct.paired_ratios(c.name, ref) if ref else [],
+            "ratio_vs_alt": ct.ratio(c.name, alt) if alt else None,
             "error": ct.errors.get(c.name),
             "paired": c.name not in ct.unpaired and c.name not in skipped,
             "skipped": c.name in skipped,
         }
+        if c.name in spec.own_references:
+            row.update(reference=ref, alt_reference=alt, flops=flops)
         if c.name in skipped:
             est = pilot_info["predicted_s"][c.name]
             ref_med = ct.median(reference) if reference else None
@@ -276,7 +311,16 @@ def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
             row["gflops_estimate"] = spec.flops / est / 1e9 if est else None
         rows.append(row)
     pairs = {}
-    for num, den in spec.pairs:
+    for terms in spec.pairs:
+        if len(terms) == 4:
+            per = ct.paired_ratio_of_ratios(*terms)
+            a, b, c, d = terms
+            pairs[f"({a} / {b}) / ({c} / {d})"] = {
+                "num": f"{a} / {b}", "den": f"{c} / {d}", "terms": list(terms),
+                "per_rep": per, "median": statistics.median(per) if per else None,
+                "paired": bool(per)}
+            continue
+        num, den = terms
         per = ct.paired_ratios(num, den)
         pairs[f"{num} / {den}"] = {"num": num, "den": den, "per_rep": per,
                                    "median": ct.ratio(num, den),
@@ -294,6 +338,7 @@ def summarize(spec: CaseSpec, ct, peak_flops: float | None, competitors,
         "alt_reference": spec.alt_reference,
         "reps": ct.reps,
         "unpaired": ct.unpaired,
+        "round_orders": ct.orders,
         "skipped": sorted(skipped),
         "pilot": pilot_info,
         "schedule": dataclasses.asdict(spec.schedule),
@@ -312,7 +357,7 @@ def evaluate_targets(results: dict) -> list[dict]:
 
     cases = {c["name"]: c for c in results["cases"]}
 
-    def ratio(case: str, num: str, den: str) -> float | None:
+    def ratio(case: str, num: str, den: str) -> Optional[float]:
         c = cases.get(case)
         if c is None:
             return None
@@ -337,13 +382,20 @@ def evaluate_targets(results: dict) -> list[dict]:
         row = c and next((r for r in c["competitors"] if r["name"] == num), None)
         return row.get("ratio_vs_alt") if row else None
 
-    def add(what: str, value, bound, unit="x", case=None, num=None, den=None):
+    def add(what: str, value, bound, unit="x", case=None, num=None, den=None,
+            one_thread=False):
         est = case in estimated
         estimated.discard(case)
+        if one_thread is False:
+            one_thread = vs_one_thread(case, num) if case else None
         out.append({"target": what, "value": value, "bound": bound, "unit": unit,
                     "case": case, "num": num, "den": den, "estimated": est,
-                    "value_vs_torch_1_thread": vs_one_thread(case, num) if case else None,
+                    "value_vs_torch_1_thread": one_thread,
                     "ok": None if value is None else bool(value <= bound)})
+
+    def pair(case: str, key: str) -> Optional[float]:
+        p = cases.get(case, {}).get("pairs", {}).get(key)
+        return p["median"] if p else None
 
     for cfg, p, bound in (("cfg1", "fwd", 1.0), ("cfg2", "fwd", 1.1), ("cfg3", "fwd", 0.5),
                           ("cfg1", "fwdbwd", 1.3), ("cfg2", "fwdbwd", 1.3)):
@@ -352,6 +404,21 @@ def evaluate_targets(results: dict) -> list[dict]:
             add(f"{case}: {C.JAX_LSTM} / {C.TORCH_LSTM}",
                 ratio(case, C.JAX_LSTM, C.TORCH_LSTM), bound,
                 case=case, num=C.JAX_LSTM, den=C.TORCH_LSTM)
+    # GRU forward: its ratio to torch no worse than the LSTM's at the same shape (both measured
+    # in the same rounds: the paired ratio of ratios <= 1), and ahead of Flax's GRUCell.
+    for cfg in ("cfg1", "cfg2", "cfg3"):
+        case = f"gru/{cfg}/fwd"
+        if case not in cases:
+            continue
+        key = f"({C.JAX_GRU} / {C.TORCH_GRU}) / ({C.SAME_JAX_LSTM} / {C.SAME_TORCH_LSTM})"
+        key_1t = (f"({C.JAX_GRU} / {C.TORCH_GRU_1T}) / "
+                  f"({C.SAME_JAX_LSTM} / {C.SAME_TORCH_LSTM_1T})")
+        add(f"{case}: GRU ratio / LSTM ratio ({C.JAX_GRU} / {C.TORCH_GRU} over "
+            f"{C.JAX_LSTM} / {C.TORCH_LSTM}, same shape, same rounds)",
+            pair(case, key), 1.0, case=case, num=C.JAX_GRU, den=key,
+            one_thread=pair(case, key_1t))
+        add(f"{case}: {C.JAX_GRU} / {C.FLAX_GRU}", pair(case, f"{C.JAX_GRU} / {C.FLAX_GRU}"),
+            1.0, case=case, num=C.JAX_GRU, den=C.FLAX_GRU, one_thread=None)
     for cfg in ("c1", "c2"):
         for p in ("fwd", "fwdbwd"):
             case = f"convlstm/{cfg}/{p}"
@@ -384,7 +451,8 @@ def evaluate_targets(results: dict) -> list[dict]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="carryover benchmarks: JAX/Flax vs PyTorch LSTM and ConvLSTM, side by side.",
+        description="carryover benchmarks: JAX/Flax vs PyTorch LSTM, GRU, RNN and ConvLSTM, "
+                    "side by side.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="few repetitions, cfg2/c2 with fewer steps: a ~2 minute smoke run")
@@ -458,7 +526,7 @@ def main(argv=None) -> int:
           f"{env['versions']['torch']} ({env['torch_num_threads']} threads), jax "
           f"{env['versions']['jax']}, load {env['loadavg_start']}", flush=True)
 
-    peak_flops: float | None = None
+    peak_flops: Optional[float] = None
     peak_case = chosen[0]
 
     def run_case(spec: CaseSpec) -> dict:
@@ -470,7 +538,8 @@ def main(argv=None) -> int:
         pilot_info, skipped = None, frozenset()
         # references of ratios always run in the rounds, whatever their speed
         protect = frozenset(n for n in (spec.reference, spec.alt_reference) if n) | frozenset(
-            den for _, den in spec.pairs)
+            den for terms in spec.pairs for den in terms[1::2]) | frozenset(
+            n for refs in spec.own_references.values() for n in refs if n)
         if spec.schedule.pilot_fraction:
             pilot_info = pilot(spec, log=log)
             skipped = frozenset(

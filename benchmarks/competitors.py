@@ -12,6 +12,7 @@ side's natural one: torch batch-first ``(B, T, F)`` / ``(B, T, C, H, W)``, JAX `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,18 @@ TORCH_LSTM = "torch.nn.LSTM"
 TORCH_LSTM_1T = "torch.nn.LSTM (1 thread)"
 JAX_LSTM = "jax_impl.LSTM"
 FLAX_LSTM = "flax OptimizedLSTMCell"
+TORCH_GRU = "torch.nn.GRU"
+TORCH_GRU_1T = "torch.nn.GRU (1 thread)"
+JAX_GRU = "jax_impl.GRU"
+FLAX_GRU = "flax GRUCell"
+TORCH_RNN = "torch.nn.RNN"
+TORCH_RNN_1T = "torch.nn.RNN (1 thread)"
+JAX_RNN = "jax_impl.RNN"
+FLAX_RNN = "flax SimpleCell"
+# the LSTM of the same shape, run in the rounds of a GRU/RNN forward case
+SAME_TORCH_LSTM = "torch.nn.LSTM (same shape)"
+SAME_TORCH_LSTM_1T = "torch.nn.LSTM (same shape, 1 thread)"
+SAME_JAX_LSTM = "jax_impl.LSTM (same shape)"
 TORCH_CONV = "torch_impl.ConvLSTM2d"
 TORCH_CONV_1T = "torch_impl.ConvLSTM2d (1 thread)"
 TORCH_NAIVE = "torch naive loop"
@@ -98,35 +111,79 @@ def _jax_runner(apply: Callable, variables: Any, x: jax.Array, pass_name: str,
     return run
 
 
-# ------------------------------------------------------------------------------------ LSTM
+# ---------------------------------------------------------------------- LSTM, GRU, RNN
 
 
-class FlaxLSTMStack(nn.Module):
-    """Flax Linen's own LSTM: ``nn.OptimizedLSTMCell`` under ``nn.RNN``, stacked."""
+class FlaxStack(nn.Module):
+    """Flax Linen's own recurrent layers: a Flax cell (default ``nn.OptimizedLSTMCell``) under
+    ``nn.RNN``, stacked (and ``nn.Bidirectional``)."""
 
     hidden_size: int
     num_layers: int = 1
     bidirectional: bool = False
+    cell: Any = None  # the Flax cell class (default nn.OptimizedLSTMCell)
 
     @nn.compact
     def __call__(self, x):
+        cell = self.cell or nn.OptimizedLSTMCell
         for _ in range(self.num_layers):
             if self.bidirectional:
                 x = nn.Bidirectional(
-                    nn.RNN(nn.OptimizedLSTMCell(self.hidden_size)),
-                    nn.RNN(nn.OptimizedLSTMCell(self.hidden_size)),
+                    nn.RNN(cell(self.hidden_size)),
+                    nn.RNN(cell(self.hidden_size)),
                 )(x)
             else:
-                x = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size))(x)
+                x = nn.RNN(cell(self.hidden_size))(x)
         return x
 
 
-def torch_lstm_kernel(cfg: LSTMConfig, pass_name: str) -> str:
-    """Which ATen kernel torch.nn.LSTM dispatches to for this config (profiled on a tiny copy)."""
+FlaxLSTMStack = FlaxStack  # the LSTM-only suite's name
+
+
+# Per cell type: the torch module, the jax_impl module, the Flax cell (None: no competitor), and
+# the competitor names. Flax's GRUCell has torch's reset-gate placement (r multiplies
+# W_hn h + b_hn) but six separate (H-wide) matmuls per step; SimpleCell is the Elman RNN.
+DENSE = {
+    "lstm": dict(torch=torch.nn.LSTM, jax=jax_impl.LSTM, flax=nn.OptimizedLSTMCell,
+                 names=(TORCH_LSTM, TORCH_LSTM_1T, JAX_LSTM, FLAX_LSTM)),
+    "gru": dict(torch=torch.nn.GRU, jax=jax_impl.GRU, flax=nn.GRUCell,
+                names=(TORCH_GRU, TORCH_GRU_1T, JAX_GRU, FLAX_GRU)),
+    "rnn_tanh": dict(torch=torch.nn.RNN, jax=jax_impl.RNN, flax=nn.SimpleCell,
+                     names=(TORCH_RNN, TORCH_RNN_1T, JAX_RNN, FLAX_RNN)),
+}
+
+
+def dense_names(cell: str) -> tuple[str, str, str, str]:
+    """``(torch, torch 1 thread, jax_impl, flax)`` competitor names of a cell type."""
+    return DENSE[cell]["names"]
+
+
+def _torch_dense(cfg: LSTMConfig, input_size: int) -> torch.nn.Module:
+    kwargs = dict(batch_first=True, num_layers=cfg.num_layers, bidirectional=cfg.bidirectional)
+    if cfg.proj_size:
+        kwargs["proj_size"] = cfg.proj_size
+    if cfg.cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cfg.cell[4:]
+    return DENSE[cfg.cell]["torch"](input_size, cfg.hidden_size, **kwargs)
+
+
+def _jax_dense(cfg: LSTMConfig) -> nn.Module:
+    kwargs = dict(num_layers=cfg.num_layers, bidirectional=cfg.bidirectional)
+    if cfg.proj_size:
+        kwargs["proj_size"] = cfg.proj_size
+    if cfg.cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cfg.cell[4:]
+    return DENSE[cfg.cell]["jax"](cfg.hidden_size, **kwargs)
+
+
+def torch_rnn_kernel(cfg: LSTMConfig, pass_name: str) -> str:
+    """Which ATen kernel torch dispatches to for this config (profiled on a tiny copy): oneDNN
+    (``mkldnn_rnn_layer``) for the LSTM without projection; torch 2.x's GRU and RNN on the CPU
+    run ATen's own loop (``aten::gru`` / ``aten::rnn_tanh``: one input matmul over the whole
+    sequence, then per step an ``addmm`` and the gate ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = torch.nn.LSTM(3, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
-                      bidirectional=cfg.bidirectional, proj_size=cfg.proj_size)
+    m = _torch_dense(cfg, 3)
     x = torch.randn(2, 3, 3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         if pass_name == "fwd":
@@ -138,44 +195,74 @@ def torch_lstm_kernel(cfg: LSTMConfig, pass_name: str) -> str:
             torch.autograd.grad(y.sum(), [x, *m.parameters()])
     names = sorted({e.name for e in prof.events()})
     hits = [n for n in names if "rnn" in n.lower() or "lstm_cell" in n.lower()
-            or n.startswith("aten::_thnn")]
+            or n in ("aten::gru", "aten::lstm") or n.startswith("aten::_thnn")]
     if any("mkldnn" in n for n in hits):
         return "oneDNN (" + ", ".join(n for n in hits if "mkldnn" in n) + ")"
     return "native ATen (" + (", ".join(hits) or "no rnn kernel seen") + ")"
 
 
-def lstm_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
+def torch_lstm_kernel(cfg: LSTMConfig, pass_name: str) -> str:
+    return torch_rnn_kernel(cfg, pass_name)
+
+
+def dense_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
+    """torch (default threads: the reference; 1 thread), jax_impl and Flax's own cell under
+    ``nn.RNN`` for an LSTM, GRU or RNN configuration.
+
+    For a GRU or RNN forward pass the LSTM of the same shape runs in the same rounds too (torch
+    on both thread counts, jax_impl), so that the cell's ratio is compared with the LSTM's
+    paired, round by round, rather than across cases run minutes apart.
+    """
     # proj_size: torch says once that oneDNN can't and falls back (recorded in the note)
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+    torch_name, torch_1t_name, jax_name, flax_name = dense_names(cfg.cell)
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((cfg.batch, cfg.steps, cfg.input_size), dtype=np.float32)
+    xt = torch.from_numpy(x_np)
+    xj = jnp.asarray(x_np)
 
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(cfg.input_size, cfg.hidden_size, num_layers=cfg.num_layers,
-                         batch_first=True, bidirectional=cfg.bidirectional,
-                         proj_size=cfg.proj_size)
-    params = list(lstm.parameters())
-    run_torch = _torch_runner(lambda x: lstm(x)[0], torch.from_numpy(x_np), params, pass_name)
-    kernel = torch_lstm_kernel(cfg, pass_name)
+    module = _torch_dense(cfg, cfg.input_size)
+    run_torch = _torch_runner(lambda x: module(x)[0], xt, list(module.parameters()), pass_name)
+    kernel = torch_rnn_kernel(cfg, pass_name)
     before, after = one_thread()
 
-    xj = jnp.asarray(x_np)
-    model = jax_impl.LSTM(cfg.hidden_size, num_layers=cfg.num_layers,
-                          bidirectional=cfg.bidirectional, proj_size=cfg.proj_size)
+    model = _jax_dense(cfg)
     variables = model.init(jax.random.key(0), xj)
     run_jax = _jax_runner(model.apply, variables, xj, pass_name, output=lambda r: r[0])
 
     out = [
-        Competitor(TORCH_LSTM, "torch", run_torch, note=kernel),
-        Competitor(TORCH_LSTM_1T, "torch", run_torch, before=before, after=after, note=kernel),
-        Competitor(JAX_LSTM, "jax", run_jax, note="jit"),
+        Competitor(torch_name, "torch", run_torch, note=kernel),
+        Competitor(torch_1t_name, "torch", run_torch, before=before, after=after, note=kernel),
+        Competitor(jax_name, "jax", run_jax, note="jit"),
     ]
     if cfg.proj_size == 0:
-        flax_model = FlaxLSTMStack(cfg.hidden_size, cfg.num_layers, cfg.bidirectional)
+        flax_model = FlaxStack(cfg.hidden_size, cfg.num_layers, cfg.bidirectional,
+                               cell=DENSE[cfg.cell]["flax"])
         flax_vars = flax_model.init(jax.random.key(0), xj)
         run_flax = _jax_runner(flax_model.apply, flax_vars, xj, pass_name, output=lambda r: r)
-        out.append(Competitor(FLAX_LSTM, "jax", run_flax, note="nn.RNN, jit"))
+        out.append(Competitor(flax_name, "jax", run_flax, note="nn.RNN, jit"))
+    if cfg.cell != "lstm" and pass_name == "fwd":
+        lstm_cfg = dataclasses.replace(cfg, cell="lstm")
+        torch.manual_seed(0)
+        lstm = _torch_dense(lstm_cfg, cfg.input_size)
+        run_lstm = _torch_runner(lambda x: lstm(x)[0], xt, list(lstm.parameters()), pass_name)
+        lstm_kernel = torch_rnn_kernel(lstm_cfg, pass_name)
+        b1, a1 = one_thread()
+        jlstm = _jax_dense(lstm_cfg)
+        run_jlstm = _jax_runner(jlstm.apply, jlstm.init(jax.random.key(0), xj), xj, pass_name,
+                                output=lambda r: r[0])
+        out += [
+            Competitor(SAME_TORCH_LSTM, "torch", run_lstm, note=lstm_kernel),
+            Competitor(SAME_TORCH_LSTM_1T, "torch", run_lstm, before=b1, after=a1,
+                       note=lstm_kernel),
+            Competitor(SAME_JAX_LSTM, "jax", run_jlstm, note="jit"),
+        ]
     return out
+
+
+def lstm_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
+    return dense_competitors(cfg, pass_name)
 
 
 # -------------------------------------------------------------------------------- ConvLSTM

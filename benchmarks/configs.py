@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
+
+# Gate blocks per cell type: how many H-wide outputs the input and hidden maps produce.
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CELL_LABELS = {"lstm": "", "gru": "GRU ", "rnn_tanh": "RNN tanh ", "rnn_relu": "RNN relu "}
 
 
 @dataclass(frozen=True)
-class LSTMConfig:
+class DenseConfig:
+    """A dense recurrent stack (torch.nn.LSTM / GRU / RNN shapes); ``cell`` a key of GATES."""
+
     name: str
     batch: int
     steps: int
@@ -16,6 +23,11 @@ class LSTMConfig:
     bidirectional: bool = False
     proj_size: int = 0
     note: str = ""
+    cell: str = "lstm"
+
+    @property
+    def gates(self) -> int:
+        return GATES[self.cell]
 
     @property
     def directions(self) -> int:
@@ -26,7 +38,7 @@ class LSTMConfig:
         return self.proj_size or self.hidden_size
 
     def describe(self) -> str:
-        s = (
+        s = CELL_LABELS[self.cell] + (
             f"B{self.batch} T{self.steps} I{self.input_size} H{self.hidden_size} "
             f"L{self.num_layers}"
         )
@@ -37,13 +49,14 @@ class LSTMConfig:
         return s
 
     def forward_flops(self) -> float:
-        """2*B*T*4H*(I_k + H_out) per layer-direction, plus the projection 2*B*T*H*P."""
+        """2*B*T*G*H*(I_k + H_out) per layer-direction (G gates: LSTM 4, GRU 3, RNN 1), plus
+        the projection 2*B*T*H*P."""
         b, t, h, p = self.batch, self.steps, self.hidden_size, self.proj_size
         total = 0.0
         in_features = self.input_size
         for _ in range(self.num_layers):
             for _ in range(self.directions):
-                total += 2.0 * b * t * 4 * h * (in_features + self.output_size)
+                total += 2.0 * b * t * self.gates * h * (in_features + self.output_size)
                 if p:
                     total += 2.0 * b * t * h * p
             in_features = self.directions * self.output_size
@@ -51,6 +64,9 @@ class LSTMConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+LSTMConfig = DenseConfig  # the name the LSTM-only suite used
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,18 @@ LSTM_CONFIGS = [
     LSTMConfig("cfg1-proj", 32, 128, 64, 128, proj_size=64),
 ]
 
+# GRU and Elman RNN at the LSTM's shapes (same input sizes): their ratios read against the
+# LSTM's at the same configuration.
+GRU_CONFIGS = [
+    DenseConfig("cfg1", 32, 128, 64, 128, cell="gru"),
+    DenseConfig("cfg2", 64, 256, 128, 256, num_layers=2, cell="gru"),
+    DenseConfig("cfg3", 1, 1024, 32, 64, note="streaming latency", cell="gru"),
+]
+
+RNN_CONFIGS = [
+    DenseConfig("cfg1", 32, 128, 64, 128, cell="rnn_tanh"),
+]
+
 CONVLSTM_CONFIGS = [
     ConvLSTMConfig("c1", 4, 10, 3, 16, 64, 64, 3),
     ConvLSTMConfig("c2", 8, 20, 1, 32, 32, 32, 5, num_layers=2),
@@ -116,5 +144,5 @@ STREAM_CHUNK = 16
 SGEMM_SIZE = 2048
 
 
-def find_lstm(name: str) -> LSTMConfig | None:
+def find_lstm(name: str) -> Optional[DenseConfig]:
     return next((c for c in LSTM_CONFIGS if c.name == name), None)

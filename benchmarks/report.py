@@ -6,15 +6,15 @@ import json
 import math
 from pathlib import Path
 
-JAX_FAMILIES = ("lstm", "convlstm")
+JAX_FAMILIES = ("lstm", "gru", "rnn", "convlstm")
 
 
 def _f(x: float | None, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def markdown_table(results: dict, families=("peak", "lstm", "convlstm"),
-                   ratio_header: str = "ratio vs torch oneDNN",
+def markdown_table(results: dict, families=("peak", "lstm", "gru", "rnn", "convlstm"),
+                   ratio_header: str = "ratio vs torch default threads",
                    alt_header: str = "ratio vs torch 1 thread", footnotes: bool = True) -> str:
     """One row per case and competitor."""
     lines = [
@@ -29,10 +29,11 @@ def markdown_table(results: dict, families=("peak", "lstm", "convlstm"),
             continue
         config = f"{case['config']} ({case['describe']})"
         for row in case["competitors"]:
-            ref = row["name"] == case["reference"]
+            # a row may have its own references (the same-shape LSTM rows of a GRU/RNN case)
+            ref = row["name"] == row.get("reference", case["reference"])
             ratio = "1 (ref)" if ref else _f(row["ratio_vs_ref"], ".3f")
-            alt = "1 (ref)" if row["name"] == case.get("alt_reference") else _f(
-                row["ratio_vs_alt"], ".3f")
+            alt = "1 (ref)" if row["name"] == row.get(
+                "alt_reference", case.get("alt_reference")) else _f(row["ratio_vs_alt"], ".3f")
             if row.get("skipped"):
                 est = row.get("estimate_s")
                 lines.append(
@@ -162,7 +163,7 @@ def ratios_png(results: dict, path: Path) -> None:
         if case["family"] not in JAX_FAMILIES:
             continue
         for row in case["competitors"]:
-            if row["framework"] != "jax":
+            if row["framework"] != "jax" or "reference" in row:
                 continue
             if row["ratio_vs_ref"] is not None:
                 bars.append((case, row, row["ratio_vs_ref"], False))
@@ -193,7 +194,8 @@ def ratios_png(results: dict, path: Path) -> None:
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("time ratio JAX / torch reference (paired median; < 1: JAX faster; log scale)")
-    ax.set_title("JAX / torch (LSTM: torch.nn.LSTM oneDNN; ConvLSTM: torch_impl.ConvLSTM2d)\n"
+    ax.set_title("JAX / torch (torch.nn.LSTM oneDNN, torch.nn.GRU / RNN native ATen, default "
+                 "threads; ConvLSTM: torch_impl.ConvLSTM2d)\n"
                  "red ticks: targets; hatched: estimated from a short pilot", fontsize=9)
     from matplotlib.patches import Patch  # noqa: PLC0415
 

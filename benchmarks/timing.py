@@ -1,9 +1,15 @@
 """The interleaved runner: every competitor of a case, round-robin, in one process.
 
 A *round* runs each competitor once. After ``warmup`` rounds (the first one pays JAX's trace
-and compile), ``reps`` timed rounds run every competitor once each, the order rotating by one
-per round, so slow drifts of a shared machine (another job, frequency changes) hit every
-competitor alike. Per round the ratio of two competitors' times is a *paired* ratio; the
+and compile), ``reps`` timed rounds run every competitor once each, so slow drifts of a shared
+machine (another job, frequency changes) hit every competitor alike. The order within a round is
+shuffled every round (seeded; two competitors simply alternate): with the order rotating by one,
+as it did before, every competitor always ran right after the same one, and whatever a call
+leaves behind biases the next. Measured: torch's OpenMP workers keep spinning after torch's
+2-thread call (libgomp's active wait), so on a loaded 2-core machine the competitor that always
+came after the torch rows was timed 1.3-1.5x slower than its twin in the same rounds; swapping
+the two swapped the verdict, and ``OMP_WAIT_POLICY=passive`` removed the effect (README,
+Caveats). Per round the ratio of two competitors' times is a *paired* ratio; the
 reported ratio is the median of those, steadier than the ratio of the medians on a noisy box.
 
 Two escape hatches keep a run bounded when one competitor is far slower than the rest:
@@ -19,12 +25,12 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import statistics
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 @dataclass
@@ -39,8 +45,8 @@ class Competitor:
     name: str
     framework: str  # "torch" or "jax"
     fn: Callable[[], Any]
-    before: Callable[[], None] | None = None
-    after: Callable[[], None] | None = None
+    before: Optional[Callable[[], None]] = None
+    after: Optional[Callable[[], None]] = None
     note: str = ""
 
 
@@ -58,7 +64,8 @@ class Schedule:
     slow_s: float = math.inf
     slow_reps: int = 2
     skip_s: float = math.inf
-    pilot_fraction: float | None = None
+    pilot_fraction: Optional[float] = None
+    seed: int = 0  # of the per-round shuffle
 
     def reps_for(self, round_s: float) -> int:
         if round_s <= 0:
@@ -74,8 +81,9 @@ class CaseTimes:
     errors: dict[str, str] = field(default_factory=dict)
     reps: int = 0
     unpaired: list[str] = field(default_factory=list)  # timed on their own (slow)
+    orders: list[list[str]] = field(default_factory=list)  # the timed rounds' call order
 
-    def median(self, name: str) -> float | None:
+    def median(self, name: str) -> Optional[float]:
         t = self.times.get(name)
         return statistics.median(t) if t else None
 
@@ -87,7 +95,17 @@ class CaseTimes:
             return []
         return [x / y for x, y in zip(a, b)]
 
-    def ratio(self, num: str, den: str) -> float | None:
+    def paired_ratio_of_ratios(self, a: str, b: str, c: str, d: str) -> list[float]:
+        """Per round ``(a / b) / (c / d)``: e.g. (GRU JAX / GRU torch) / (LSTM JAX / LSTM
+        torch), all four timed in the same round; empty if any of them is unpaired."""
+        if any(n in self.unpaired for n in (a, b, c, d)):
+            return []
+        ts = [self.times.get(n) for n in (a, b, c, d)]
+        if not all(ts):
+            return []
+        return [(w / x) / (y / z) for w, x, y, z in zip(*ts)]
+
+    def ratio(self, num: str, den: str) -> Optional[float]:
         """Median of the paired ratios; a ratio of medians when either side is unpaired."""
         if num in self.unpaired or den in self.unpaired:
             a, b = self.median(num), self.median(den)
@@ -108,6 +126,20 @@ def _call(c: Competitor) -> float:
             c.after()
 
 
+def round_orders(n: int, reps: int, seed: int = 0) -> list[list[int]]:
+    """The order of the ``n`` competitors in each of ``reps`` rounds: alternating for two,
+    a seeded shuffle per round otherwise (so no competitor always follows the same one)."""
+    if n <= 2:
+        return [list(range(n)) if r % 2 == 0 else list(range(n))[::-1] for r in range(reps)]
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(reps):
+        order = list(range(n))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def run_interleaved(competitors: list[Competitor], schedule: Schedule, log=print,
                     exclude: frozenset[str] = frozenset(),
                     protect: frozenset[str] = frozenset()) -> CaseTimes:
@@ -122,7 +154,7 @@ def run_interleaved(competitors: list[Competitor], schedule: Schedule, log=print
     warm: dict[str, list[float]] = {c.name: [] for c in competitors}
     slow: list[Competitor] = []
 
-    def guarded(c: Competitor) -> float | None:
+    def guarded(c: Competitor) -> Optional[float]:
         try:
             return _call(c)
         except Exception as e:  # noqa: BLE001 - one broken competitor must not end the run
@@ -149,13 +181,14 @@ def run_interleaved(competitors: list[Competitor], schedule: Schedule, log=print
     reps = schedule.reps_for(last_round)
 
     times: dict[str, list[float]] = {c.name: [] for c in live + slow}
+    orders = round_orders(len(live), reps, schedule.seed)
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for r in range(reps):
-            k = r % len(live) if live else 0
-            for c in live[k:] + live[:k]:
+        for order in orders:
+            for i in order:
+                c = live[i]
                 times[c.name].append(_call(c))
         for c in slow:
             for _ in range(schedule.slow_reps):
@@ -170,4 +203,5 @@ def run_interleaved(competitors: list[Competitor], schedule: Schedule, log=print
         errors=errors,
         reps=reps,
         unpaired=[c.name for c in slow],
+        orders=[[live[i].name for i in order] for order in orders],
     )

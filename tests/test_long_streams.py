@@ -1,5 +1,5 @@
 """Long streams: 100,000 steps fed chunk by chunk through ``jax_impl.Stateful`` and the torch
-stateful modules (tiny sizes: B=2, F=3, H=8).
+stateful modules (tiny sizes: B=2, F=3, H=8), LSTM (carry ``(h, c)``) and GRU (carry ``h``).
 
 - memory stays flat: resident set size (``VmRSS``) and its peak (``VmHWM``, reset after the
   warm-up chunk) measured along the stream; on the torch side the carried state holds no
@@ -109,37 +109,49 @@ def marks_for(num_steps: int) -> list[int]:
     return [num_steps // 10, num_steps // 2, num_steps]
 
 
+JAX_MODULES = {"lstm": jax_impl.LSTM, "gru": jax_impl.GRU}
+TORCH_STREAMS = {"lstm": torch_impl.StatefulLSTM, "gru": torch_impl.StatefulGRU}
+
+
+def parts(state) -> tuple:
+    """``(h, c)`` stays; a GRU's one array (tensor) ``h`` becomes ``(h,)``."""
+    return tuple(state) if isinstance(state, tuple) else (state,)
+
+
 # ------------------------------------------------------------------------------ memory
 
 
-def test_jax_stream_memory_is_flat(num_steps=STREAM_STEPS):
-    module = jax_impl.LSTM(H)
+@pytest.mark.parametrize("kind", sorted(JAX_MODULES))
+def test_jax_stream_memory_is_flat(kind, num_steps=STREAM_STEPS):
+    module = JAX_MODULES[kind](H)
     stream = jax_impl.Stateful(module, jax.jit(module.init)(jax.random.key(0), jnp.ones((B, CHUNK, F))))
 
     def feed(index: int) -> None:
         stream(chunk_input(index)).block_until_ready()
 
-    assert_flat(f"jax_impl.Stateful LSTM, {num_steps} steps", measure_stream(feed, num_steps, marks_for(num_steps)))
+    assert_flat(f"jax_impl.Stateful {kind.upper()}, {num_steps} steps",
+                measure_stream(feed, num_steps, marks_for(num_steps)))  # fmt: skip
     assert stream.compilations == 1  # one bucket, one program, all the way
-    assert all(bool(jnp.isfinite(a).all()) for a in stream.carry)
+    assert all(bool(jnp.isfinite(a).all()) for a in parts(stream.carry))
 
 
-def test_torch_stream_memory_is_flat_and_the_graph_is_cut(num_steps=STREAM_STEPS):
+@pytest.mark.parametrize("kind", sorted(TORCH_STREAMS))
+def test_torch_stream_memory_is_flat_and_the_graph_is_cut(kind, num_steps=STREAM_STEPS):
     """In grad mode (parameters require grad) each chunk builds a graph; detach=True must cut
     it at the boundary, so nothing accumulates over the stream."""
     torch.manual_seed(0)
-    stream = torch_impl.StatefulLSTM(F, H, detach=True)
+    stream = TORCH_STREAMS[kind](F, H, detach=True)
     states_without_graph = []
 
     def feed(index: int) -> None:
         y = stream(torch.from_numpy(chunk_input(index)))
         assert y.grad_fn is not None  # this chunk's graph exists (and dies with y)
-        h, c = stream.get_state()
-        states_without_graph.append(h.grad_fn is None and c.grad_fn is None and not h.requires_grad)
+        state = parts(stream.get_state())
+        states_without_graph.append(all(t.grad_fn is None and not t.requires_grad for t in state))
 
     samples = measure_stream(feed, num_steps, marks_for(num_steps))
     assert all(states_without_graph) and len(states_without_graph) == num_steps // CHUNK
-    assert_flat(f"StatefulLSTM (grad mode), {num_steps} steps", samples)
+    assert_flat(f"{type(stream).__name__} (grad mode), {num_steps} steps", samples)
 
 
 @pytest.mark.parametrize(
@@ -203,36 +215,38 @@ def test_torch_chunked_equals_full_float64():
     assert max(errors) <= 1e-12
 
 
+@pytest.mark.parametrize("kind", sorted(JAX_MODULES))
 @pytest.mark.parametrize("dtype, bound", [("float64", 1e-12), ("float32", 1e-5)])
-def test_jax_chunked_equals_full(dtype, bound):
+def test_jax_chunked_equals_full(dtype, bound, kind):
     with jax.enable_x64(dtype == "float64"):
-        module = jax_impl.LSTM(H, param_dtype=jnp.dtype(dtype))
+        module = JAX_MODULES[kind](H, param_dtype=jnp.dtype(dtype))
         variables = jax.jit(module.init)(jax.random.key(0), jnp.ones((B, 2, F), dtype))
         x = _full_input(dtype)
-        y_full, (h_full, c_full) = jax.jit(module.apply)(variables, x)
+        y_full, carry_full = jax.jit(module.apply)(variables, x)
         stream = jax_impl.Stateful(module, variables)
         y_chunks = np.concatenate(
             [np.asarray(stream(x[:, i : i + CHUNK])) for i in range(0, FULL_STEPS, CHUNK)], axis=1
         )
-        h, c = stream.carry
-        assert y_chunks.dtype == np.dtype(dtype)
+        carry = parts(stream.carry)
+        assert y_chunks.dtype == np.dtype(dtype) and len(carry) == len(parts(carry_full))
         errors = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                  for a, b in ((y_chunks, y_full), (h, h_full), (c, c_full))]  # fmt: skip
-    print(f"\njax {dtype}, {FULL_STEPS} steps chunked vs full: max abs {max(errors):.3g}")
+                  for a, b in ((y_chunks, y_full), *zip(carry, parts(carry_full)))]  # fmt: skip
+    print(f"\njax {kind} {dtype}, {FULL_STEPS} steps chunked vs full: max abs {max(errors):.3g}")
     assert max(errors) <= bound
 
 
 # ------------------------------------------------------------------------------ drift
 
 
+@pytest.mark.parametrize("kind", sorted(TORCH_STREAMS))
 @pytest.mark.parametrize(
     "num_steps", [pytest.param(10_000, id="10k"), pytest.param(100_000, id="100k", marks=pytest.mark.slow)]
 )
-def test_float32_drift_against_float64_stays_small(num_steps):
+def test_float32_drift_against_float64_stays_small(num_steps, kind):
     """torch float32 and JAX float32 streams against a torch float64 stream, same weights."""
     torch.manual_seed(0)
-    ref = torch_impl.StatefulLSTM(F, H, dtype=torch.float64)
-    torch32 = torch_impl.StatefulLSTM(F, H)
+    ref = TORCH_STREAMS[kind](F, H, dtype=torch.float64)
+    torch32 = TORCH_STREAMS[kind](F, H)
     torch32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     jax32 = stream_to_jax(torch32)
     windows: dict[str, list[float]] = {"torch": [], "jax": []}
@@ -246,12 +260,14 @@ def test_float32_drift_against_float64_stays_small(num_steps):
             }
             for side, y in y32.items():
                 windows[side].append(float(np.max(np.abs(y.astype(np.float64) - y64))))
-    c_drift = float(np.max(np.abs(np.asarray(jax32.carry[1], np.float64) - ref.get_state()[1].numpy())))
+    # the last state tensor: c for the LSTM (unbounded, the one that could drift), h for the GRU
+    c_drift = float(np.max(np.abs(np.asarray(parts(jax32.carry)[-1], np.float64)
+                                  - parts(ref.get_state())[-1].numpy())))  # fmt: skip
     tenth = max(1, len(windows["torch"]) // 10)
     for side, errors in windows.items():
         per_tenth = [max(errors[i : i + tenth]) for i in range(0, len(errors), tenth)]
         print(f"\n{side} float32 vs float64 over {num_steps} steps, max abs per tenth: "
               + " ".join(f"{e:.2g}" for e in per_tenth))  # fmt: skip
         assert np.all(np.isfinite(errors)) and max(errors) < DRIFT_BOUND, side
-    print(f"jax float32 final c vs float64: {c_drift:.2g}")
+    print(f"jax float32 final {'c' if kind == 'lstm' else 'h'} vs float64: {c_drift:.2g}")
     assert c_drift < DRIFT_BOUND
