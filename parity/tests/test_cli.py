@@ -242,6 +242,9 @@ def test_drift_plot(tmp_path):
     path = tmp_path / "drift.png"
     drift = plot_drift(str(path), steps=300)
     assert path.stat().st_size > 10_000
+    low = drift.pop("LSTM L2 H64 bfloat16")  # judged against twice torch's own bf16 error
+    assert low["ok"] and low["bound"] == pytest.approx(2 * low["torch_max"] + 2**-8)
+    assert 0 < low["jax_max"] < 0.05
     for curve in drift.values():
         assert 0 < curve["jax_max"] < 1e-3 and curve["steps"] > 0
         assert curve["bound"] == cli.DRIFT_BOUND and curve["ok"] == (curve["jax_max"] <= curve["bound"])
