@@ -172,22 +172,24 @@ def apply_table(table: Sequence[Piece], state: Arrays) -> dict:
     return tree
 
 
-def table_to_torch(table: Sequence[Piece], tree: Any, what: str) -> Arrays:
-    """The target's arrays back to torch's names (the inverse of ``apply_table``)."""
+def _back_to_torch(table: Sequence[Piece], tree: Any, what: str, gradients: bool) -> Arrays:
     state: Arrays = {}
     for piece in table:
-        arrays = piece.to_torch(*(_get(tree, p, what) for p in piece.paths))
+        back = piece.grad_to_torch if gradients else piece.to_torch
+        arrays = back(*(_get(tree, p, what) for p in piece.paths))
         state.update(zip(piece.torch, (np.ascontiguousarray(a) for a in arrays)))
     return state
+
+
+def table_to_torch(table: Sequence[Piece], tree: Any, what: str) -> Arrays:
+    """The target's arrays back to torch's names (the inverse of ``apply_table``)."""
+    return _back_to_torch(table, tree, what, gradients=False)
 
 
 def grads_to_torch(table: Sequence[Piece], grads: Any, what: str) -> Arrays:
-    """Gradients with respect to the target's arrays as gradients of torch's parameters."""
-    state: Arrays = {}
-    for piece in table:
-        arrays = piece.grad_to_torch(*(_get(grads, p, what) for p in piece.paths))
-        state.update(zip(piece.torch, (np.ascontiguousarray(a) for a in arrays)))
-    return state
+    """Gradients with respect to the target's arrays as gradients of torch's parameters (the
+    adjoint of ``apply_table``)."""
+    return _back_to_torch(table, grads, what, gradients=True)
 
 
 # ------------------------------------------------------------------------------ the registry
