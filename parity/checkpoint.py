@@ -29,8 +29,10 @@ mid-save leaves the previous file as it was.
 Example:
     >>> stream = torch_impl.StatefulLSTM(3, 8)
     >>> y = stream(torch.randn(2, 100, 3))
-    >>> save_stream(stream, "run.safetensors", position=100)
-    >>> jax_stream, position = load_stream("run.safetensors", "jax")   # position == 100
+    >>> path = save_stream(stream, "run.safetensors", position=100)
+    >>> jax_stream, position = load_stream("run.safetensors", "jax")
+    >>> position
+    100
     >>> y_next = jax_stream(jnp.ones((2, 10, 3)))                      # continues the stream
 """
 
@@ -346,9 +348,12 @@ def save_stream(stream: Any, path: PathLike, *, position: Optional[int] = None) 
         ``path`` as a ``Path``.
 
     Example:
-        >>> stream = jax_impl.Stateful(lstm, variables)
+        >>> lstm = jax_impl.LSTM(8)
+        >>> x = jnp.ones((2, 600, 3))
+        >>> stream = jax_impl.Stateful(lstm, jax.jit(lstm.init)(jax.random.key(0), x[:, :1]))
         >>> y = stream(x[:, :500])
-        >>> save_stream(stream, "ckpt.safetensors", position=500)
+        >>> save_stream(stream, "ckpt.safetensors", position=500).name
+        'ckpt.safetensors'
     """
     return atomic_write(path, _encode(snapshot(stream, position)))
 
@@ -407,7 +412,8 @@ def read_checkpoint(path: PathLike) -> StreamCheckpoint:
             checkpoint, or of an unsupported format version.
 
     Example:
-        >>> read_checkpoint("ckpt.safetensors").position
+        >>> path = save_stream(torch_impl.StatefulGRU(3, 8), "ckpt.safetensors", position=500)
+        >>> read_checkpoint(path).position
         500
     """
     name = os.fspath(path)
@@ -497,6 +503,7 @@ def check_matches(checkpoint: StreamCheckpoint, expect: Any, name: str = "checkp
         name: how to call the checkpoint in messages (its path).
 
     Example:
+        >>> path = save_stream(torch_impl.StatefulLSTM(3, 8), "ckpt.safetensors")
         >>> check_matches(read_checkpoint(path), torch.nn.LSTM(3, 8, batch_first=True))
     """
     kind, config, dtype = _expected(expect)
@@ -590,8 +597,10 @@ def load_stream(
             other than ``expect``'s.
 
     Example:
-        >>> stream, position = load_stream("ckpt.safetensors", "torch", expect=my_stateful_lstm)
-        >>> y = stream(x[:, position:])
+        >>> mine = torch_impl.StatefulLSTM(3, 8)
+        >>> path = save_stream(mine, "ckpt.safetensors", position=0)
+        >>> stream, position = load_stream(path, "torch", expect=mine)
+        >>> y = stream(torch.randn(2, 10, 3)[:, position:])
     """
     if framework not in ("jax", "torch"):
         raise ValueError(f"framework must be 'jax' or 'torch', got {framework!r}")
