@@ -58,8 +58,9 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
     """Every collective op in an HLO module's text, as ``(computation, op)`` pairs.
 
     Example:
-        >>> text = jax.jit(f).lower(x).compile().as_text()
-        >>> assert collectives(text) == []
+        >>> text = jax.jit(jnp.sin).lower(jnp.ones(3)).compile().as_text()
+        >>> collectives(text)
+        []
     """
     return [
         (name, match.group(1))
@@ -81,8 +82,9 @@ def loop_collectives(hlo_text: str) -> tuple[list[tuple[str, str]], int]:
         how many while bodies were seen (0 means there was no loop to check).
 
     Example:
-        >>> found, loops = loop_collectives(compiled_text)
-        >>> assert loops and not found
+        >>> loop = lambda x: jax.lax.fori_loop(0, 3, lambda i, a: a * 2, x)
+        >>> loop_collectives(jax.jit(loop).lower(jnp.ones(3)).compile().as_text())
+        ([], 1)
     """
     computations = _computations(hlo_text)
     bodies = {m for lines in computations.values() for line in lines
