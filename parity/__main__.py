@@ -37,7 +37,7 @@ DEVICES_CHILD = "CARRYOVER_PARITY_DEVICES_CHILD"  # set in the re-executed child
 # The JSON report's layout; bumped when a key is renamed, removed or changes type, so a consumer
 # can refuse a report it does not understand instead of misreading it.
 SCHEMA_VERSION = 1
-# DESIGN.md's float32 forward bound: the line drawn in the drift plot and its "ok" per curve.
+# docs/design.md's float32 forward bound: the line drawn in the drift plot and its "ok" per curve.
 DRIFT_BOUND = 1e-5
 
 
@@ -547,7 +547,7 @@ def _parser() -> argparse.ArgumentParser:
                              "exit 2 if none does")
     parser.add_argument("--list", action="store_true",
                         help="print the configuration names (after --quick/--only), one per line, and exit")
-    parser.add_argument("--atol", type=float, help="override the forward bound (default: DESIGN.md's per dtype)")
+    parser.add_argument("--atol", type=float, help="override the forward bound (default: docs/design.md's per dtype)")
     parser.add_argument("--devices", type=int, default=1, metavar="N",
                         help="run the JAX side split along the batch over a mesh of N devices "
                              "(batched LSTM/ConvLSTM cases whose batch N divides; forced CPU "

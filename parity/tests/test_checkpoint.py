@@ -4,7 +4,7 @@ Every stream kind: the LSTM and ConvLSTM (state ``(h, c)``), the GRU and the RNN
 alone), saved from either framework.
 
 Same framework (and machine: the same program on the same shapes): the continuation equals an
-uninterrupted run bit for bit. Across frameworks: within DESIGN.md's bounds (float64 1e-12,
+uninterrupted run bit for bit. Across frameworks: within docs/design.md's bounds (float64 1e-12,
 float32 1e-5). Crashes mid-save keep the previous file; truncated, corrupted or mismatched
 files are a clear ValueError.
 """
@@ -194,7 +194,7 @@ def _run_script(script: str, jobs: Any, tmp_path: Path) -> subprocess.CompletedP
 
 def test_resume_in_a_new_process_same_framework_bitwise_other_framework_within_bounds(tmp_path):
     """Save mid-sequence; a new process resumes in both frameworks. Same framework: bit for
-    bit equal to the uninterrupted run; other framework: within DESIGN.md's bounds."""
+    bit equal to the uninterrupted run; other framework: within docs/design.md's bounds."""
     jobs, expected = [], {}
     for case in CASES:
         with _x64(case):

@@ -2,7 +2,7 @@
 
 Modules: nn.LSTM, nn.GRU, nn.RNN (relu) and ConvLSTM2d, each with two layers and dropout 0.4.
 
-The bound is DESIGN.md's float64 gradient bound, 1e-10 relative to the largest gradient; a
+The bound is docs/design.md's float64 gradient bound, 1e-10 relative to the largest gradient; a
 single flipped mask element on one side must break it.
 """
 

@@ -174,7 +174,7 @@ def test_cells(make, shape, dtype):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_long_sequence_float32_within_bound(kind):
-    """float32 holds 1e-5 over 1,000 steps (DESIGN.md)."""
+    """float32 holds 1e-5 over 1,000 steps (docs/design.md)."""
     module = _module(kind, num_layers=2)
     report = compare(module, torch.randn(2, 1000, 5), chunks=[500, 500])
     report.assert_ok()

@@ -5,7 +5,7 @@ ConvLSTM and its cell), random sizes, layers 1-3, directions, proj_size (LSTM), 
 (RNN), bias, kernel sizes (even ones too), dilation, batch_first / time_major, batch (unbatched
 too), chunk partitions, sequence lengths and row resets:
 
-- parity within DESIGN.md's bounds (``compare(...).ok``), float64 (bound 1e-12) and float32;
+- parity within docs/design.md's bounds (``compare(...).ok``), float64 (bound 1e-12) and float32;
 - chunk invariance on each side (chunked stream == one full run);
 - streams with row resets: torch stream == JAX stream == one JAX run with a reset mask;
 - round trips are exact: ``to_torch(to_jax(m))`` gives the same state_dict bit for bit, dtypes
