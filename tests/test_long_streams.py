@@ -36,7 +36,7 @@ CHUNK = 1000
 # under 1 MiB here.
 GROWTH_MIB = 8.0
 # float32 vs float64 drift: measured ~2e-7 at 10k and at 100k steps (these weights are
-# contractive, so errors do not accumulate); DESIGN.md's 1,000-step float32 bound holds.
+# contractive, so errors do not accumulate); docs/design.md's 1,000-step float32 bound holds.
 DRIFT_BOUND = 1e-5
 
 # The memory streams run 100k steps in the default run (~2 s torch, ~7 s JAX on a busy

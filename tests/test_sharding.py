@@ -50,8 +50,8 @@ def results() -> dict:
 # through the one-device program, so it equals that program run on the same row blocks bit for
 # bit. The one-device run on the whole batch multiplies other shapes, and XLA:CPU picks kernels
 # by shape and CPU: equal only to rounding (6e-8 in float32 on a 2-core AVX2 EPYC).
-F32_ATOL = 1e-5  # DESIGN.md's float32 bound, ~40 ulps at the largest values here (~2.7)
-F32_GRAD_RTOL = 1e-5  # weight gradients, relative to the largest: ten times below DESIGN.md's
+F32_ATOL = 1e-5  # docs/design.md's float32 bound, ~40 ulps at the largest values here (~2.7)
+F32_GRAD_RTOL = 1e-5  # weight gradients, relative to the largest: ten times below docs/design.md's
 F64_RTOL = 1e-14  # float64, relative to the largest value: ~50 ulps
 
 
