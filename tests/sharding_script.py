@@ -99,10 +99,12 @@ def _per_device(f, args: tuple, arg_axes: tuple, out_axes: Any, parts: int) -> A
     device of the mesh holds: the same program on the same shapes), results concatenated."""
     f = jax.jit(f)
     outs = [f(*_rows(args, arg_axes, k, parts)) for k in range(parts)]
-    return jax.tree_util.tree_map(
-        lambda axis, *leaves: np.concatenate([np.asarray(a) for a in leaves], axis=axis),
-        out_axes, *outs,
-    )
+    def join(axis, *subtrees):  # out_axes is a tree prefix: one axis for a whole subtree
+        return jax.tree_util.tree_map(
+            lambda *leaves: np.concatenate([np.asarray(a) for a in leaves], axis=axis), *subtrees
+        )
+
+    return jax.tree_util.tree_map(join, out_axes, *outs)
 
 
 def _batch_spec(array: jax.Array) -> Any:
@@ -155,7 +157,7 @@ def check_lstm(mesh: Mesh) -> dict:
 
     args = (variables, x, carry, lengths, reset, keep)
     plain, sharded, text = _sharded_and_plain(with_masks, args, mesh)
-    out_axes = (0, (1, 1))  # y (B, T, F); h, c (L*D, B, H)
+    out_axes = (0, 1)  # y (B, T, F); h, c (L*D, B, H)
     parts = _per_device(with_masks, args, (None, 0, 1, 0, 0, 0), out_axes, DEVICES)
     result = {"per_device": _compare(parts, sharded), "full": _compare(plain, sharded)}
     result["hlo"] = _hlo(text)
@@ -201,7 +203,7 @@ def check_convlstm(mesh: Mesh) -> dict:
     grid = Mesh(np.array(jax.devices()).reshape(DEVICES // 2, 2), ("batch", "replica"))
     args = (variables, x, carry, lengths, reset)
     plain, sharded, text = _sharded_and_plain(run, args, grid)
-    out_axes = (1, (1, 1))  # y (T, B, H, W, C); h, c (L, B, H, W, C)
+    out_axes = (1, 1)  # y (T, B, H, W, C); h, c (L, B, H, W, C)
     parts = _per_device(run, args, (None, 1, 1, 0, 1), out_axes, DEVICES // 2)
     result = {"per_device": _compare(parts, sharded), "full": _compare(plain, sharded)}
     result["hlo"] = _hlo(text)
