@@ -21,7 +21,7 @@ def test_devices_2_matches_torch_in_float64(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"  # one CPU device here: the CLI must re-exec with two
     result = subprocess.run(
-        [sys.executable, "-m", "parity", "--only", "packed lengths", "--devices", "2",
+        [sys.executable, "-m", "parity", "--only", "LSTM L2 bidirectional packed", "--devices", "2",
          "--dtype", "float64", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
