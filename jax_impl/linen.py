@@ -121,12 +121,28 @@ def _check_channels_last(variables, x: Array) -> None:
         )
 
 
-class _Recurrent(nn.Module):
-    """What the sequence modules share: the call, given the cell and the parameter tables.
+class _Recurrent(nn.Module, kw_only=True):
+    """What the sequence modules share: the options every stack has (keyword-only), and the
+    call, given the cell and the parameter tables.
 
-    Subclasses declare their fields and define ``_config()``, ``_cell()`` and
-    ``_layer_shapes(layer, in_features)``.
+    Subclasses declare their own fields (positional, torch's order) and define
+    ``_config()``, ``_cell()`` and ``_layer_shapes(layer, in_features)``.
     """
+
+    dropout: float = 0.0
+    time_major: bool = False
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: PrecisionLike = None
+    unroll: int = 1
+    backward: str = "batched"
+
+    def __post_init__(self):
+        check_int(self.num_layers, "num_layers", 1)
+        check_int(self.unroll, "unroll", 1)
+        check_dropout(self.dropout)
+        check_backward(self.backward)
+        super().__post_init__()
 
     @property
     def num_directions(self) -> int:
@@ -200,23 +216,12 @@ class _DenseRecurrent(_Recurrent):
     hidden_size: int
     num_layers: int = 1
     use_bias: bool = True
-    dropout: float = 0.0
     bidirectional: bool = False
-    time_major: bool = False
-    dtype: Optional[Any] = None
-    param_dtype: Any = jnp.float32
-    precision: PrecisionLike = None
-    unroll: int = 1
-    backward: str = "batched"
 
     kind = "lstm"  # class constant: a key of cells.KINDS
 
     def __post_init__(self):
         check_int(self.hidden_size, "hidden_size", 1)
-        check_int(self.num_layers, "num_layers", 1)
-        check_int(self.unroll, "unroll", 1)
-        check_dropout(self.dropout)
-        check_backward(self.backward)
         super().__post_init__()
 
     @property
@@ -376,22 +381,11 @@ class ConvLSTM(_Recurrent):
     num_layers: int = 1
     use_bias: bool = True
     dilation: Any = 1
-    dropout: float = 0.0
-    time_major: bool = False
-    dtype: Optional[Any] = None
-    param_dtype: Any = jnp.float32
-    precision: PrecisionLike = None
-    unroll: int = 1
-    backward: str = "batched"
 
     def __post_init__(self):
         check_int(self.hidden_channels, "hidden_channels", 1)
-        check_int(self.num_layers, "num_layers", 1)
-        check_int(self.unroll, "unroll", 1)
         as_pair(self.kernel_size, "kernel_size")
         as_pair(self.dilation, "dilation")
-        check_dropout(self.dropout)
-        check_backward(self.backward)
         super().__post_init__()
 
     @nn.nowrap
@@ -424,10 +418,15 @@ class ConvLSTM(_Recurrent):
 # ------------------------------------------------------------------------------------ cells
 
 
-class _Cell(nn.RNNCellBase):
+class _Cell(nn.RNNCellBase, kw_only=True):
     """A one-step cell: ``cell(carry, x) -> (carry, y)``; drives with ``jax.lax.scan`` or
-    ``flax.linen.RNN``. Subclasses define ``_cell()``, ``_shapes(in_features)``, ``_bound()``,
-    ``_weights_type`` and ``_carry_features``."""
+    ``flax.linen.RNN``. Subclasses declare their own fields (positional) and define
+    ``_cell()``, ``_shapes(in_features)``, ``_bound()``, ``_weights_type`` and
+    ``_carry_features``."""
+
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(self, carry: Any, x: Array) -> tuple[Any, Array]:
@@ -468,9 +467,6 @@ class _Cell(nn.RNNCellBase):
 class _DenseCell(_Cell):
     hidden_size: int
     use_bias: bool = True
-    dtype: Optional[Any] = None
-    param_dtype: Any = jnp.float32
-    precision: PrecisionLike = None
 
     _weights_type = DenseWeights
 
@@ -585,9 +581,6 @@ class ConvLSTMCell(_Cell):
     kernel_size: Any = 3
     use_bias: bool = True
     dilation: Any = 1
-    dtype: Optional[Any] = None
-    param_dtype: Any = jnp.float32
-    precision: PrecisionLike = None
 
     _weights_type = ConvWeights
 

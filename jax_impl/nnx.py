@@ -38,7 +38,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
@@ -49,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from . import linen as _linen
-from .cells import ConvWeights, DenseWeights, PrecisionLike
+from .cells import ConvWeights, DenseWeights
 from .checks import SequenceLayout, check_input, check_int, check_x64, concrete_value
 from .sharding import BatchAxis, MeshLike
 from .stack import run_sequence
@@ -58,18 +60,10 @@ from .training import mse_loss
 Array = jax.Array
 
 __all__ = [
-    "LSTM",
-    "GRU",
-    "RNN",
-    "ConvLSTM",
-    "LSTMCell",
-    "GRUCell",
-    "RNNCell",
-    "ConvLSTMCell",
-    "nnx_params_as_linen",
-    "load_linen_params",
-    "LinenView",
-    "make_tbptt_step",
+    # the modules and cells, with the names (and options) of jax_impl's Linen ones
+    "LSTM", "GRU", "RNN", "ConvLSTM", "LSTMCell", "GRUCell", "RNNCell", "ConvLSTMCell",
+    # between NNX and Linen; training
+    "nnx_params_as_linen", "load_linen_params", "LinenView", "make_tbptt_step",
 ]
 
 
@@ -149,6 +143,72 @@ def _check_features(x: Any, expected: int, what: str, unit: str, argument: str) 
 def _option(name: str) -> property:
     """A read-only view of the Linen twin's field ``name``."""
     return property(lambda self: getattr(self.linen, name), doc=f"``{name}`` (``linen``'s).")
+
+
+class _TorchConstructor:
+    """Builds an NNX module from torch's constructor arguments, declared once per class.
+
+    A subclass names its Linen twin (``_linen_type``) and torch's positional arguments after
+    the input size (``_positional``; the first ``_required`` of them have no default). Every
+    other field of the twin is a keyword-only argument with the twin's default, and a
+    read-only attribute (``module.hidden_size`` ...). ``inspect.signature`` / ``help`` show
+    the resulting signature, e.g. ``LSTM(input_size, hidden_size, num_layers=1, *,
+    use_bias=True, ..., rngs)``; a wrong argument is Python's own TypeError, with the class
+    name.
+    """
+
+    _linen_type: type
+    _positional: tuple[str, ...] = ("hidden_size",)
+    _required = 1
+    _unit, _input_argument = "features", "input_size"
+    # keyword-only arguments of the NNX module itself (after the twin's)
+    _own_arguments: tuple[inspect.Parameter, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_linen_type" not in vars(cls):
+            return
+        # the twin's own fields first, then those its base declares keyword-only (dtype, ...)
+        fields = {
+            f.name: f for f in sorted(dataclasses.fields(cls._linen_type),
+                                      key=lambda f: f.kw_only is True)
+            if f.name not in ("parent", "name")
+        }
+        parameters = [inspect.Parameter(
+            cls._input_argument, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="int"
+        )]
+        for index, name in enumerate(cls._positional):
+            default = inspect.Parameter.empty if index < cls._required else fields[name].default
+            parameters.append(inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                annotation=fields[name].type,
+            ))
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                              annotation=field.type)
+            for name, field in fields.items() if name not in cls._positional
+        ]
+        parameters += list(cls._own_arguments) + [
+            inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation="nnx.Rngs")
+        ]
+        cls.__signature__ = inspect.Signature(parameters)
+        for name in fields:
+            if not hasattr(cls, name):
+                setattr(cls, name, _option(name))
+        if cls._input_argument != "input_size":
+            setattr(cls, cls._input_argument, property(lambda self: self.input_size))
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[Any, int, dict]:
+        """``(linen twin, input size, own arguments)`` from a constructor call."""
+        cls = type(self)
+        try:
+            arguments = cls.__signature__.bind(*args, **kwargs).arguments
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}(): {error}") from None
+        input_size = arguments.pop(cls._input_argument)
+        own = {p.name: arguments.pop(p.name, p.default)
+               for p in cls._own_arguments + (cls.__signature__.parameters["rngs"],)}
+        return cls._linen_type(**arguments, parent=None), input_size, own
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -279,14 +339,20 @@ _CALL_DOC = """
 """
 
 
-class _Recurrent(nnx.Module):
+class _Recurrent(_TorchConstructor, nnx.Module):
     """What the NNX sequence modules share: the parameters, built eagerly, and the call.
 
     ``linen`` is the unbound Linen module with the same options (sizes, checks, cell).
     """
 
     _weights_type: type = DenseWeights
-    _unit, _input_argument = "features", "input_size"
+    _own_arguments = (inspect.Parameter(
+        "deterministic", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool
+    ),)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        linen, input_size, own = self._bind(args, kwargs)
+        self._build(linen, input_size, own["deterministic"], own["rngs"])
 
     def _build(self, linen: Any, input_size: int, deterministic: bool, rngs: Any) -> None:
         check_int(input_size, self._input_argument, 1)
@@ -312,8 +378,6 @@ class _Recurrent(nnx.Module):
                 self.rngs = rngs["dropout"].fork()
 
     # -- the Linen module's interface ------------------------------------------------
-
-    time_major = _option("time_major")
 
     @property
     def feature_rank(self) -> int:
@@ -403,17 +467,6 @@ class _Recurrent(nnx.Module):
 
 
 class _DenseRecurrent(_Recurrent):
-    hidden_size = _option("hidden_size")
-    num_layers = _option("num_layers")
-    use_bias = _option("use_bias")
-    dropout = _option("dropout")
-    bidirectional = _option("bidirectional")
-    dtype = _option("dtype")
-    param_dtype = _option("param_dtype")
-    precision = _option("precision")
-    unroll = _option("unroll")
-    backward = _option("backward")
-
     @property
     def output_size(self) -> int:
         """Features of h (and of each direction's output): P if proj_size else H."""
@@ -461,34 +514,8 @@ class LSTM(_DenseRecurrent):
         >>> y3, _ = lstm(x, seq_lengths=jnp.array([10, 5, 1, 0, 7, 9, 3, 2]))
     """
 
-    proj_size = _option("proj_size")
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        use_bias: bool = True,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        time_major: bool = False,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        unroll: int = 1,
-        backward: str = "batched",
-        deterministic: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.LSTM(
-            hidden_size=hidden_size, num_layers=num_layers, use_bias=use_bias, dropout=dropout,
-            bidirectional=bidirectional, proj_size=proj_size, time_major=time_major,
-            dtype=dtype, param_dtype=param_dtype, precision=precision, unroll=unroll,
-            backward=backward, parent=None,
-        )
-        self._build(linen, input_size, deterministic, rngs)
+    _linen_type = _linen.LSTM
+    _positional = ("hidden_size", "num_layers")
 
 
 class GRU(_DenseRecurrent):
@@ -507,31 +534,8 @@ class GRU(_DenseRecurrent):
         ((4, 10, 64), (4, 4, 32))
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        use_bias: bool = True,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        time_major: bool = False,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        unroll: int = 1,
-        backward: str = "batched",
-        deterministic: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.GRU(
-            hidden_size=hidden_size, num_layers=num_layers, use_bias=use_bias, dropout=dropout,
-            bidirectional=bidirectional, time_major=time_major, dtype=dtype,
-            param_dtype=param_dtype, precision=precision, unroll=unroll, backward=backward,
-            parent=None,
-        )
-        self._build(linen, input_size, deterministic, rngs)
+    _linen_type = _linen.GRU
+    _positional = ("hidden_size", "num_layers")
 
 
 class RNN(_DenseRecurrent):
@@ -548,34 +552,8 @@ class RNN(_DenseRecurrent):
         (1, 4, 16)
     """
 
-    nonlinearity = _option("nonlinearity")
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        nonlinearity: str = "tanh",
-        use_bias: bool = True,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        time_major: bool = False,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        unroll: int = 1,
-        backward: str = "batched",
-        deterministic: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.RNN(
-            hidden_size=hidden_size, num_layers=num_layers, nonlinearity=nonlinearity,
-            use_bias=use_bias, dropout=dropout, bidirectional=bidirectional,
-            time_major=time_major, dtype=dtype, param_dtype=param_dtype, precision=precision,
-            unroll=unroll, backward=backward, parent=None,
-        )
-        self._build(linen, input_size, deterministic, rngs)
+    _linen_type = _linen.RNN
+    _positional = ("hidden_size", "num_layers")
 
 
 class ConvLSTM(_Recurrent):
@@ -607,58 +585,22 @@ class ConvLSTM(_Recurrent):
     _weights_type = ConvWeights
     _unit, _input_argument = "channels", "input_channels"
 
-    hidden_channels = _option("hidden_channels")
-    kernel_size = _option("kernel_size")
-    num_layers = _option("num_layers")
-    use_bias = _option("use_bias")
-    dilation = _option("dilation")
-    dropout = _option("dropout")
-    dtype = _option("dtype")
-    param_dtype = _option("param_dtype")
-    precision = _option("precision")
-    unroll = _option("unroll")
-    backward = _option("backward")
 
-    def __init__(
-        self,
-        input_channels: int,
-        hidden_channels: int,
-        kernel_size: Any,
-        num_layers: int = 1,
-        *,
-        use_bias: bool = True,
-        dilation: Any = 1,
-        dropout: float = 0.0,
-        time_major: bool = False,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        unroll: int = 1,
-        backward: str = "batched",
-        deterministic: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.ConvLSTM(
-            hidden_channels=hidden_channels, kernel_size=kernel_size, num_layers=num_layers,
-            use_bias=use_bias, dilation=dilation, dropout=dropout, time_major=time_major,
-            dtype=dtype, param_dtype=param_dtype, precision=precision, unroll=unroll,
-            backward=backward, parent=None,
-        )
-        self._build(linen, input_channels, deterministic, rngs)
-
-    @property
-    def input_channels(self) -> int:
-        return self.input_size
+    _linen_type = _linen.ConvLSTM
+    _positional = ("hidden_channels", "kernel_size", "num_layers")
+    _required = 2
 
 
 # ------------------------------------------------------------------------------ cells
 
 
-class _Cell(nnx.RNNCellBase):
+class _Cell(_TorchConstructor, nnx.RNNCellBase):
     """A one-step cell: ``cell(carry, x) -> (carry, y)``; drives with ``jax.lax.scan``,
     ``nnx.scan`` or ``flax.nnx.RNN``. ``linen`` is the Linen cell with the same options."""
 
-    _unit, _input_argument = "features", "input_size"
+    def __init__(self, *args: Any, **kwargs: Any):
+        linen, input_size, own = self._bind(args, kwargs)
+        self._build(linen, input_size, own["rngs"])
 
     def _build(self, linen: Any, input_size: int, rngs: Any) -> None:
         check_int(input_size, self._input_argument, 1)
@@ -689,15 +631,7 @@ class _Cell(nnx.RNNCellBase):
         return self.linen.num_feature_axes
 
 
-class _DenseCell(_Cell):
-    hidden_size = _option("hidden_size")
-    use_bias = _option("use_bias")
-    dtype = _option("dtype")
-    param_dtype = _option("param_dtype")
-    precision = _option("precision")
-
-
-class LSTMCell(_DenseCell):
+class LSTMCell(_Cell):
     """One torch.nn.LSTMCell step (with torch.nn.LSTM's ``proj_size``), carry ``LSTMState(h, c)``.
 
     Arguments:
@@ -721,88 +655,39 @@ class LSTMCell(_DenseCell):
         (8, 32)
     """
 
-    proj_size = _option("proj_size")
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        *,
-        use_bias: bool = True,
-        proj_size: int = 0,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.LSTMCell(
-            hidden_size=hidden_size, use_bias=use_bias, proj_size=proj_size, dtype=dtype,
-            param_dtype=param_dtype, precision=precision, parent=None,
-        )
-        self._build(linen, input_size, rngs)
+    _linen_type = _linen.LSTMCell
 
 
-class GRUCell(_DenseCell):
+class GRUCell(_Cell):
     """One torch.nn.GRUCell step, carry ``h``; see ``GRU`` for the math.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from jax_impl.nnx import GRUCell
-        >>> cell = GRUCell(16, 32, rngs=nnx.Rngs(0))
-        >>> h, y = cell(cell.initialize_carry((8, 16)), jnp.ones((8, 16)))
-        >>> h.shape
-        (8, 32)
+        >>> rnn = nnx.RNN(GRUCell(16, 32, rngs=nnx.Rngs(0)))              # Flax's own driver
+        >>> rnn(jnp.ones((8, 10, 16))).shape                            # (B, T, F) -> (B, T, H)
+        (8, 10, 32)
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        *,
-        use_bias: bool = True,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.GRUCell(
-            hidden_size=hidden_size, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-            precision=precision, parent=None,
-        )
-        self._build(linen, input_size, rngs)
+    _linen_type = _linen.GRUCell
 
 
-class RNNCell(_DenseCell):
+class RNNCell(_Cell):
     """One torch.nn.RNNCell step (``nonlinearity`` ``"tanh"`` or ``"relu"``), carry ``h``.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax
         >>> from flax import nnx
         >>> from jax_impl.nnx import RNNCell
         >>> cell = RNNCell(16, 32, nonlinearity="relu", rngs=nnx.Rngs(0))
-        >>> h, y = cell(cell.initialize_carry((8, 16)), jnp.ones((8, 16)))
+        >>> xs = jax.numpy.ones((10, 8, 16))                            # (T, B, F)
+        >>> h, ys = jax.lax.scan(cell, cell.initialize_carry((8, 16)), xs)
+        >>> h.shape, ys.shape
+        ((8, 32), (10, 8, 32))
     """
 
-    nonlinearity = _option("nonlinearity")
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        *,
-        nonlinearity: str = "tanh",
-        use_bias: bool = True,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.RNNCell(
-            hidden_size=hidden_size, nonlinearity=nonlinearity, use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype, precision=precision, parent=None,
-        )
-        self._build(linen, input_size, rngs)
+    _linen_type = _linen.RNNCell
 
 
 class ConvLSTMCell(_Cell):
@@ -827,37 +712,10 @@ class ConvLSTMCell(_Cell):
 
     _unit, _input_argument = "channels", "input_channels"
 
-    hidden_channels = _option("hidden_channels")
-    kernel_size = _option("kernel_size")
-    use_bias = _option("use_bias")
-    dilation = _option("dilation")
-    dtype = _option("dtype")
-    param_dtype = _option("param_dtype")
-    precision = _option("precision")
 
-    def __init__(
-        self,
-        input_channels: int,
-        hidden_channels: int,
-        kernel_size: Any,
-        *,
-        use_bias: bool = True,
-        dilation: Any = 1,
-        dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        linen = _linen.ConvLSTMCell(
-            hidden_channels=hidden_channels, kernel_size=kernel_size, use_bias=use_bias,
-            dilation=dilation, dtype=dtype, param_dtype=param_dtype, precision=precision,
-            parent=None,
-        )
-        self._build(linen, input_channels, rngs)
-
-    @property
-    def input_channels(self) -> int:
-        return self.input_size
+    _linen_type = _linen.ConvLSTMCell
+    _positional = ("hidden_channels", "kernel_size")
+    _required = 2
 
 
 # ------------------------------------------------------------------------------ Linen's view

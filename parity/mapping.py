@@ -146,74 +146,34 @@ def _input_size(name: str) -> Callable[[dict], dict]:
     return lambda p: {"input_size": p[name].shape[1]}
 
 
+def _dense_specs(kind: str, name: str, cell_state: bool, extra: tuple[ConfigRule, ...]):
+    """torch.nn.{name} and torch.nn.{name}Cell <-> jax_impl.{name} and jax_impl.{name}Cell."""
+    sequence_params = _LSTM_PARAMS if kind == "lstm" else _GATED_PARAMS
+    # the cells take no proj_size (torch's LSTMCell has none)
+    cell_extra = tuple(rule for rule in extra if rule.torch != "proj_size")
+    return (
+        ModuleSpec(kind, f"torch.nn.{name}", f"jax_impl.{name}", sequence_params,
+                   _RNN_BASE_CONFIG + extra, layered=True, activation=IDENTITY,
+                   torch_sizes=_input_size("weight_ih_l0"), cell_state=cell_state,
+                   directions=True),
+        ModuleSpec(f"{kind}_cell", f"torch.nn.{name}Cell", f"jax_impl.{name}Cell",
+                   _LSTM_CELL_PARAMS, _CELL_CONFIG + cell_extra, layered=False,
+                   activation=IDENTITY, torch_sizes=_input_size("weight_ih"),
+                   cell_state=cell_state),
+    )
+
+
+_LSTM, _LSTM_CELL = _dense_specs("lstm", "LSTM", True, (ConfigRule("proj_size", "proj_size"),))
+_GRU, _GRU_CELL = _dense_specs("gru", "GRU", False, ())
+_RNN, _RNN_CELL = _dense_specs("rnn", "RNN", False, (_NONLINEARITY,))
+
 SPECS: tuple[ModuleSpec, ...] = (
-    ModuleSpec(
-        kind="lstm",
-        torch_class="torch.nn.LSTM",
-        jax_class="jax_impl.LSTM",
-        params=_LSTM_PARAMS,
-        config=_RNN_BASE_CONFIG + (ConfigRule("proj_size", "proj_size"),),
-        layered=True,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih_l0"),
-        directions=True,
-    ),
-    ModuleSpec(
-        kind="gru",
-        torch_class="torch.nn.GRU",
-        jax_class="jax_impl.GRU",
-        params=_GATED_PARAMS,
-        config=_RNN_BASE_CONFIG,
-        layered=True,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih_l0"),
-        cell_state=False,
-        directions=True,
-    ),
-    ModuleSpec(
-        kind="rnn",
-        torch_class="torch.nn.RNN",
-        jax_class="jax_impl.RNN",
-        params=_GATED_PARAMS,
-        config=_RNN_BASE_CONFIG + (_NONLINEARITY,),
-        layered=True,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih_l0"),
-        cell_state=False,
-        directions=True,
-    ),
-    ModuleSpec(
-        kind="lstm_cell",
-        torch_class="torch.nn.LSTMCell",
-        jax_class="jax_impl.LSTMCell",
-        params=_LSTM_CELL_PARAMS,
-        config=_CELL_CONFIG,
-        layered=False,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih"),
-    ),
-    ModuleSpec(
-        kind="gru_cell",
-        torch_class="torch.nn.GRUCell",
-        jax_class="jax_impl.GRUCell",
-        params=_LSTM_CELL_PARAMS,
-        config=_CELL_CONFIG,
-        layered=False,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih"),
-        cell_state=False,
-    ),
-    ModuleSpec(
-        kind="rnn_cell",
-        torch_class="torch.nn.RNNCell",
-        jax_class="jax_impl.RNNCell",
-        params=_LSTM_CELL_PARAMS,
-        config=_CELL_CONFIG + (_NONLINEARITY,),
-        layered=False,
-        activation=IDENTITY,
-        torch_sizes=_input_size("weight_ih"),
-        cell_state=False,
-    ),
+    _LSTM,
+    _GRU,
+    _RNN,
+    _LSTM_CELL,
+    _GRU_CELL,
+    _RNN_CELL,
     ModuleSpec(
         kind="convlstm",
         torch_class="torch_impl.ConvLSTM2d",

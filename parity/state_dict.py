@@ -55,6 +55,7 @@ from torch import nn
 from .checkpoint import atomic_replace
 from .convert import jax_params_as_torch, spec_for_jax, to_jax, to_torch
 from .mapping import SPECS
+from .targets import nest
 
 __all__ = [
     "Converted",
@@ -769,15 +770,6 @@ def _build_jax(prefix: str, config: dict, name: str) -> Any:
     return cls(**{k: _decode(v) for k, v in kwargs.items()})
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
 
 def load_converted(path: PathLike, *, target: Optional[str] = None) -> Converted:
     """Reads a file written by ``save_converted`` (or ``python -m parity convert``).
@@ -855,7 +847,7 @@ def load_converted(path: PathLike, *, target: Optional[str] = None) -> Converted
                 f"call load_converted inside `with jax.enable_x64(True):`"
             )
         module = _build_jax(prefix, config, name)
-        variables = _nest({k: jnp.asarray(v) for k, v in flat[prefix].items()})
+        variables = nest({k: jnp.asarray(v) for k, v in flat[prefix].items()})
         try:
             jax_params_as_torch(module, variables)  # every path present, nothing more
         except ValueError as error:

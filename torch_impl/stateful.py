@@ -337,7 +337,28 @@ class StatefulWrapper(nn.Module):
         return f"detach={self.detach}, state={held}"
 
 
-class StatefulLSTM(StatefulWrapper):
+class _StatefulTorchRNN(StatefulWrapper):
+    """Builds its torch module (``_module_class``: nn.LSTM, nn.GRU, nn.RNN) from torch's
+    leading arguments; ``batch_first`` defaults to True here."""
+
+    _module_class: type[nn.Module]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = True,
+        detach: bool = True,
+        **module_kwargs: object,
+    ) -> None:
+        module = self._module_class(
+            input_size, hidden_size, num_layers, batch_first=batch_first, **module_kwargs
+        )
+        super().__init__(module, detach=detach)
+
+
+class StatefulLSTM(_StatefulTorchRNN):
     """An nn.LSTM (``.lstm``) that carries its state (h, c) across calls.
 
     See :class:`StatefulWrapper` for the state handling. ``batch_first`` defaults to True.
@@ -353,17 +374,7 @@ class StatefulLSTM(StatefulWrapper):
         >>> y = lstm(torch.randn(5, 30, 10))  # the same sequences, continued
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        batch_first: bool = True,
-        detach: bool = True,
-        **lstm_kwargs: object,
-    ) -> None:
-        lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=batch_first, **lstm_kwargs)
-        super().__init__(lstm, detach=detach)
+    _module_class = nn.LSTM
 
     @property
     def lstm(self) -> nn.LSTM:
@@ -371,7 +382,7 @@ class StatefulLSTM(StatefulWrapper):
         return self.module
 
 
-class StatefulGRU(StatefulWrapper):
+class StatefulGRU(_StatefulTorchRNN):
     """An nn.GRU (``.gru``) that carries its state h across calls.
 
     See :class:`StatefulWrapper` for the state handling: the state is one tensor
@@ -394,17 +405,7 @@ class StatefulGRU(StatefulWrapper):
         >>> gru.reset_states(torch.tensor([True, False, False, False]))  # row 0 starts anew
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        batch_first: bool = True,
-        detach: bool = True,
-        **gru_kwargs: object,
-    ) -> None:
-        gru = nn.GRU(input_size, hidden_size, num_layers, batch_first=batch_first, **gru_kwargs)
-        super().__init__(gru, detach=detach)
+    _module_class = nn.GRU
 
     @property
     def gru(self) -> nn.GRU:
@@ -412,7 +413,7 @@ class StatefulGRU(StatefulWrapper):
         return self.module
 
 
-class StatefulRNN(StatefulWrapper):
+class StatefulRNN(_StatefulTorchRNN):
     """An Elman nn.RNN (``.rnn``) that carries its state h across calls.
 
     See :class:`StatefulWrapper` for the state handling: the state is one tensor
@@ -420,10 +421,11 @@ class StatefulRNN(StatefulWrapper):
     hidden_size)`` for unbatched input. ``batch_first`` defaults to True.
 
     Arguments:
-        input_size, hidden_size, num_layers, batch_first: as nn.RNN.
-        nonlinearity: ``"tanh"`` or ``"relu"``, as nn.RNN.
-        detach: detach the state between calls (truncated BPTT).
-        rnn_kwargs: other nn.RNN arguments (bias, dropout, bidirectional, device, dtype).
+        input_size, hidden_size, num_layers, nonlinearity: as nn.RNN (``"tanh"`` or
+            ``"relu"``).
+        kwargs: ``batch_first`` (default True), ``detach`` (detach the state between calls:
+            truncated BPTT; default True) and other nn.RNN arguments (bias, dropout,
+            bidirectional, device, dtype), by keyword.
 
     Example:
         >>> import torch
@@ -436,24 +438,14 @@ class StatefulRNN(StatefulWrapper):
         >>> rnn.reset_states()  # the next call starts from zeros
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        nonlinearity: str = "tanh",
-        batch_first: bool = True,
-        detach: bool = True,
-        **rnn_kwargs: object,
-    ) -> None:
+    _module_class = nn.RNN
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", **kwargs: object) -> None:
         # nn.RNN rejects other values too, but in its own words, which vary across releases.
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        rnn = nn.RNN(
-            input_size, hidden_size, num_layers, nonlinearity=nonlinearity,
-            batch_first=batch_first, **rnn_kwargs,
-        )  # fmt: skip
-        super().__init__(rnn, detach=detach)
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, **kwargs)
 
     @property
     def rnn(self) -> nn.RNN:

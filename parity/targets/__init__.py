@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 __all__ = [
     "Piece", "transposed", "as_is", "gate_blocks", "summed", "shifted", "apply_table",
     "table_to_torch", "grads_to_torch", "Target", "TARGETS", "get_target", "target_of",
-    "unsupported",
+    "unsupported", "check_one_layer", "nest",
 ]
 
 Arrays = dict[str, np.ndarray]
@@ -153,6 +154,14 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """Nested dicts from a flat ``{path: value}`` dict: ``{("a", "b"): v}`` -> ``{"a": {"b": v}}``."""
+    tree: dict = {}
+    for path, value in flat.items():
+        _set(tree, path, value)
+    return tree
+
+
 def _get(tree: Any, path: tuple[str, ...], what: str) -> np.ndarray:
     node = tree
     for key in path:
@@ -251,6 +260,18 @@ def target_of(obj: Any) -> Optional[Target]:
             if target.owns(obj):
                 return target
     return None
+
+
+def check_one_layer(spec: Any, module: Any, target: str, known: bool) -> None:
+    """What stock libraries' recurrent layers lack: the module kind (``known`` False), more
+    than one layer, a projection. ValueError naming the option (``unsupported``)."""
+    if not known:
+        raise unsupported(f"a {type(module).__name__}", target)
+    if not spec.is_cell:
+        if module.num_layers != 1:
+            raise unsupported("num_layers", target, module.num_layers)
+        if getattr(module, "proj_size", 0):
+            raise unsupported("proj_size", target, module.proj_size)
 
 
 def unsupported(option: str, target: str, value: Any = None) -> ValueError:

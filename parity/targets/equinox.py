@@ -18,7 +18,17 @@ import numpy as np
 import torch
 
 from ..convert import numpy_to_tensor
-from . import Piece, Target, apply_table, as_is, grads_to_torch, summed, table_to_torch, unsupported
+from . import (
+    Piece,
+    Target,
+    apply_table,
+    as_is,
+    check_one_layer,
+    grads_to_torch,
+    summed,
+    table_to_torch,
+    unsupported,
+)
 
 NAME = "equinox"
 _CELLS = {"lstm": eqx.nn.LSTMCell, "lstm_cell": eqx.nn.LSTMCell, "gru": eqx.nn.GRUCell,
@@ -56,15 +66,9 @@ def _table(kind: str, suffix: str, bias: bool) -> list[Piece]:
 
 
 def _check(spec, module) -> None:
-    if spec.kind not in _CELLS:
-        raise unsupported(f"a {type(module).__name__}", NAME)
-    if not spec.is_cell:
-        if module.num_layers != 1:
-            raise unsupported("num_layers", NAME, module.num_layers)
-        if module.bidirectional:
-            raise unsupported("bidirectional", NAME, True)
-        if getattr(module, "proj_size", 0):
-            raise unsupported("proj_size", NAME, module.proj_size)
+    check_one_layer(spec, module, NAME, spec.kind in _CELLS)
+    if not spec.is_cell and module.bidirectional:
+        raise unsupported("bidirectional", NAME, True)
 
 
 def _fields(cell: Any) -> dict:

@@ -59,6 +59,7 @@ from . import (
     Piece,
     Target,
     apply_table,
+    check_one_layer,
     gate_blocks,
     grads_to_torch,
     shifted,
@@ -246,13 +247,7 @@ def base_kind(spec) -> str:
 
 def check_torch(spec, module, target: str, kinds: Sequence[str]) -> None:
     """The torch module's options a Flax target cannot express: ValueError naming them."""
-    if base_kind(spec) not in kinds:
-        raise unsupported(f"a {type(module).__name__}", target)
-    if not spec.is_cell:
-        if module.num_layers != 1:
-            raise unsupported("num_layers", target, module.num_layers)
-        if getattr(module, "proj_size", 0):
-            raise unsupported("proj_size", target, module.proj_size)
+    check_one_layer(spec, module, target, base_kind(spec) in kinds)
     if base_kind(spec) == "convlstm":
         if tuple(module.dilation) != (1, 1):
             raise unsupported("dilation", target, tuple(module.dilation))
@@ -409,18 +404,28 @@ def _cell_kind(cell: Any) -> str:
     return kind
 
 
-def _structure(obj: Any) -> tuple[str, list]:
-    """``(structure, cells)`` of a Linen object, with the path prefix of each cell."""
-    if isinstance(obj, nn.Bidirectional):
+def stock_structure(obj: Any, library: Any, target: str, root: Path) -> tuple[str, list]:
+    """``(structure, [(cell, path prefix)])`` of a stock Flax object: ``"bidirectional"``,
+    ``"rnn"`` or ``"cell"``; the prefixes start at ``root`` (Linen's ``("params",)``).
+
+    Arguments:
+        library: ``flax.linen`` or ``flax.nnx`` (their ``RNN`` and ``Bidirectional``).
+        target: the target's name, for messages.
+    """
+    if isinstance(obj, library.Bidirectional):
         rnns = (obj.forward_rnn, obj.backward_rnn)
-        if not all(isinstance(r, nn.RNN) for r in rnns):
-            raise TypeError(f"{NAME}: a Bidirectional over {[type(r).__name__ for r in rnns]}; "
-                            "expected two flax.linen.RNN")
-        return "bidirectional", [(rnns[0].cell, ("params", "forward_rnn", "cell")),
-                                 (rnns[1].cell, ("params", "backward_rnn", "cell"))]
-    if isinstance(obj, nn.RNN):
-        return "rnn", [(obj.cell, ("params", "cell"))]
-    return "cell", [(obj, ("params",))]
+        if not all(isinstance(r, library.RNN) for r in rnns):
+            raise TypeError(f"{target}: a Bidirectional over {[type(r).__name__ for r in rnns]}; "
+                            f"expected two {target}.RNN")
+        return "bidirectional", [(rnns[0].cell, root + ("forward_rnn", "cell")),
+                                 (rnns[1].cell, root + ("backward_rnn", "cell"))]
+    if isinstance(obj, library.RNN):
+        return "rnn", [(obj.cell, root + ("cell",))]
+    return "cell", [(obj, root)]
+
+
+def _structure(obj: Any) -> tuple[str, list]:
+    return stock_structure(obj, nn, NAME, ("params",))
 
 
 def _table_for(kind: str, structure: str, cells, suffix_list, bias: bool) -> list[Piece]:
@@ -442,25 +447,40 @@ def _new_cell(kind: str, module, dtype) -> Any:
     return nn.ConvLSTMCell(size, kernel_size=tuple(module.kernel_size), param_dtype=dtype)
 
 
-def to_jax(spec, module, state, *, time_major=None):
-    """``(flax.linen module, variables)`` holding the torch weights."""
-    check_torch(spec, module, NAME, tuple(LAYOUTS))
+def stock_object(spec, module, state: dict, time_major, new_cell: Callable, library: Any):
+    """A torch module's counterpart among Flax's stock modules, before its weights are set.
+
+    Arguments:
+        spec, module, state: the torch module's spec, the module and its arrays.
+        time_major: None for the module's own layout (``not batch_first``).
+        new_cell: ``new_cell(kind, module, dtype)``, the library's stock cell.
+        library: ``flax.linen`` or ``flax.nnx`` (their ``RNN`` and ``Bidirectional``).
+
+    Returns:
+        ``(object, state, suffixes)``: the cell for a torch cell, else ``RNN(cell)`` or
+        ``Bidirectional(RNN(cell), RNN(cell))``; ``state`` with zero biases when the torch
+        module has none (Flax's LSTM, GRU and Simple cells always have biases).
+    """
     kind = base_kind(spec)
     dtype = jnp.dtype(next(iter(state.values())).dtype)
     ends = suffixes(spec, module)
-    if not module.bias:  # Flax's LSTM / GRU / Simple cells always have biases: zeros
+    if not module.bias:
         state = with_zero_biases(state, ends, GATES[kind] * hidden_size(spec, module))
     if spec.is_cell:
-        obj = _new_cell(kind, module, dtype)
-    else:
-        major = (not module.batch_first) if time_major is None else bool(time_major)
-        if len(ends) == 2:
-            obj = nn.Bidirectional(nn.RNN(_new_cell(kind, module, dtype)),
-                                   nn.RNN(_new_cell(kind, module, dtype)), time_major=major)
-        else:
-            obj = nn.RNN(_new_cell(kind, module, dtype), time_major=major)
+        return new_cell(kind, module, dtype), state, ends
+    major = (not module.batch_first) if time_major is None else bool(time_major)
+    if len(ends) == 2:
+        forward, backward = (library.RNN(new_cell(kind, module, dtype)) for _ in ends)
+        return library.Bidirectional(forward, backward, time_major=major), state, ends
+    return library.RNN(new_cell(kind, module, dtype), time_major=major), state, ends
+
+
+def to_jax(spec, module, state, *, time_major=None):
+    """``(flax.linen module, variables)`` holding the torch weights."""
+    check_torch(spec, module, NAME, tuple(LAYOUTS))
+    obj, state, ends = stock_object(spec, module, state, time_major, _new_cell, nn)
     structure, cells = _structure(obj)
-    tree = apply_table(_table_for(kind, structure, cells, ends, True), state)
+    tree = apply_table(_table_for(base_kind(spec), structure, cells, ends, True), state)
     return obj, jax.tree_util.tree_map(jnp.asarray, tree)
 
 

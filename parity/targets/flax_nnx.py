@@ -35,7 +35,6 @@ from flax.nnx.nn import recurrent
 from ..convert import torch_param_arrays
 from . import Piece, Target, apply_table, grads_to_torch, unsupported
 from .flax_linen import (
-    GATES,
     CellLayout,
     _paths,
     base_kind,
@@ -44,14 +43,14 @@ from .flax_linen import (
     check_shapes,
     check_structure,
     check_torch,
-    hidden_size,
     load_torch,
     make_run,
     nonlinearity_of,
+    stock_object,
+    stock_structure,
     suffixes,
     table,
     torch_dtype,
-    with_zero_biases,
 )
 
 NAME = "flax.nnx"
@@ -82,17 +81,7 @@ def _cell_layout(cell: Any) -> tuple[str, CellLayout]:
 
 
 def _structure(obj: Any) -> tuple[str, list]:
-    """``(structure, [(cell, path prefix in the parameter state)])``."""
-    if isinstance(obj, nnx.Bidirectional):
-        rnns = (obj.forward_rnn, obj.backward_rnn)
-        if not all(isinstance(r, nnx.RNN) for r in rnns):
-            raise TypeError(f"{NAME}: a Bidirectional over {[type(r).__name__ for r in rnns]}; "
-                            "expected two flax.nnx.RNN")
-        return "bidirectional", [(rnns[0].cell, ("forward_rnn", "cell")),
-                                 (rnns[1].cell, ("backward_rnn", "cell"))]
-    if isinstance(obj, nnx.RNN):
-        return "rnn", [(obj.cell, ("cell",))]
-    return "cell", [(obj, ())]
+    return stock_structure(obj, nnx, NAME, ())
 
 
 def _table_for(cells, ends, bias: bool) -> list[Piece]:
@@ -132,21 +121,8 @@ def _new_cell(kind: str, module, dtype) -> Any:
 def to_jax(spec, module, state, *, time_major=None):
     """``(flax.nnx module, None)``: the module holds the torch weights."""
     check_torch(spec, module, NAME, _KINDS)
-    kind = base_kind(spec)
-    ends = suffixes(spec, module)
-    _check_b_hn(spec, module, state, ends)
-    dtype = jnp.dtype(next(iter(state.values())).dtype)
-    if not module.bias:  # NNX's cells always have biases: zeros
-        state = with_zero_biases(state, ends, GATES[kind] * hidden_size(spec, module))
-    if spec.is_cell:
-        obj = _new_cell(kind, module, dtype)
-    else:
-        major = (not module.batch_first) if time_major is None else bool(time_major)
-        if len(ends) == 2:
-            obj = nnx.Bidirectional(nnx.RNN(_new_cell(kind, module, dtype)),
-                                    nnx.RNN(_new_cell(kind, module, dtype)), time_major=major)
-        else:
-            obj = nnx.RNN(_new_cell(kind, module, dtype), time_major=major)
+    _check_b_hn(spec, module, state, suffixes(spec, module))
+    obj, state, ends = stock_object(spec, module, state, time_major, _new_cell, nnx)
     _, cells = _structure(obj)
     params = nnx.state(obj, nnx.Param)
     pure = nnx.to_pure_dict(params)

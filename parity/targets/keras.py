@@ -83,8 +83,10 @@ from . import (  # noqa: E402
     Target,
     apply_table,
     as_is,
+    check_one_layer,
     gate_blocks,
     grads_to_torch,
+    nest,
     summed,
     table_to_torch,
     transposed,
@@ -211,15 +213,6 @@ def _torch_table(spec, module) -> list[Piece]:
     return _table(spec.kind, "_l0", module.bias, dilation)
 
 
-def _nest(flat: dict[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
 
 def _at(tree: dict, path: Path) -> Any:
     for key in path:
@@ -237,13 +230,7 @@ def _layer_classes() -> dict[str, type]:
 
 
 def _check(spec, module, time_major=None) -> None:
-    if spec.kind not in _layer_classes():
-        raise unsupported(f"a {type(module).__name__}", NAME)
-    if not spec.is_cell:
-        if module.num_layers != 1:
-            raise unsupported("num_layers", NAME, module.num_layers)
-        if getattr(module, "proj_size", 0):
-            raise unsupported("proj_size", NAME, module.proj_size)
+    check_one_layer(spec, module, NAME, spec.kind in _layer_classes())
     if time_major:
         raise unsupported("time_major", NAME, True)
 
@@ -404,7 +391,7 @@ def to_torch(layer, variables=None):
                  + _table(kind, "_l0_reverse", options["bias"], prefix=("backward",)))
     else:
         table = _table(kind, "_l0", options["bias"])
-    state = table_to_torch(table, _nest(weights), f"{NAME} {type(layer).__name__}")
+    state = table_to_torch(table, nest(weights), f"{NAME} {type(layer).__name__}")
     from ..convert import numpy_to_tensor
 
     first = next(iter(state.values()))
@@ -547,7 +534,7 @@ def port(spec, module, layer, variables):
                     raise ValueError(f"the Keras layer's {'/'.join(path)} has shape "
                                      f"{np.shape(named[path])}, expected {expected[path]} for "
                                      f"torch's {', '.join(piece.torch)}")
-        return grads_to_torch(table, _nest({p: np.asarray(g) for p, g in named.items()}),
+        return grads_to_torch(table, nest({p: np.asarray(g) for p, g in named.items()}),
                               f"{NAME} gradients")
 
     return Port(run_cell if cell_port else run_layer, grads_as_torch), variables

@@ -99,15 +99,21 @@ CELL_CASES = {
 # ----------------------------------------------------------------------- bitwise to Linen
 
 
-@pytest.mark.parametrize("case", list(SEQUENCE_CASES))
-def test_sequence_module_equals_linen_bitwise_in_float64(case, x64, rng):
-    make, linen, shape = SEQUENCE_CASES[case]
+def _float64_twins(case, rng):
+    """``(NNX module, Linen twin, its float64 params loaded into both, x, shape)``."""
+    make, linen, shape = case
     model = make(param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     x = rng.standard_normal(shape)
     params = _linen_params(linen, x, rng, dtype=jnp.float64)
     assert shapes_of(nnx_params := jnnx.nnx_params_as_linen(model)) == shapes_of(params)
     assert all(a.dtype == jnp.float64 for a in jax.tree_util.tree_leaves(nnx_params))
     jnnx.load_linen_params(model, params)
+    return model, linen, params, x, shape
+
+
+@pytest.mark.parametrize("case", list(SEQUENCE_CASES))
+def test_sequence_module_equals_linen_bitwise_in_float64(case, x64, rng):
+    model, linen, params, x, shape = _float64_twins(SEQUENCE_CASES[case], rng)
     steps, batch = shape[:2] if model.time_major else shape[:2][::-1]
     carry = jax.tree_util.tree_map(
         lambda a: rng.standard_normal(a.shape), model.initialize_carry((batch,) + shape[2:-1])
@@ -125,12 +131,7 @@ def test_sequence_module_equals_linen_bitwise_in_float64(case, x64, rng):
 
 @pytest.mark.parametrize("case", list(CELL_CASES))
 def test_cell_equals_linen_bitwise_in_float64(case, x64, rng):
-    make, linen, shape = CELL_CASES[case]
-    cell = make(param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-    x = rng.standard_normal(shape)
-    params = _linen_params(linen, x, rng, dtype=jnp.float64)
-    assert shapes_of(jnnx.nnx_params_as_linen(cell)) == shapes_of(params)
-    jnnx.load_linen_params(cell, params)
+    cell, linen, params, x, shape = _float64_twins(CELL_CASES[case], rng)
     carry = jax.tree_util.tree_map(
         lambda a: rng.standard_normal(a.shape), cell.initialize_carry(shape)
     )
@@ -472,13 +473,56 @@ def test_input_size_differing_from_the_constructor_is_value_error():
         (lambda r: jnnx.LSTM(3, 4, backward="fast", rngs=r), ValueError, r"backward must be"),
         (lambda r: jnnx.LSTM(3, 4, rngs=None), TypeError,
          r"LSTM draws its parameters from rngs, an nnx.Rngs: pass rngs=nnx.Rngs\(0\)"),
+        (lambda r: jnnx.GRU(3, 4, proj_size=2, rngs=r), TypeError,
+         r"GRU\(\): got an unexpected keyword argument 'proj_size'"),
+        (lambda r: jnnx.GRU(3, 4, 1, True, rngs=r), TypeError,
+         r"GRU\(\): too many positional arguments"),
+        (lambda r: jnnx.ConvLSTM(3, 4, rngs=r), TypeError,
+         r"ConvLSTM\(\): missing a required argument: 'kernel_size'"),
+        (lambda r: jnnx.RNNCell(3, 4), TypeError, r"RNNCell\(\): missing a required argument: 'rngs'"),
     ],
     ids=["proj", "dropout", "nonlinearity", "kernel", "input-size", "input-float", "backward",
-         "no-rngs"],
+         "no-rngs", "gru-proj", "positional", "no-kernel", "cell-no-rngs"],
 )
 def test_constructors_validate_their_arguments(make, error, message):
     with pytest.raises(error, match=message):
         make(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cls, positional", [
+    (jnnx.LSTM, ["input_size", "hidden_size", "num_layers"]),
+    (jnnx.GRU, ["input_size", "hidden_size", "num_layers"]),
+    (jnnx.RNN, ["input_size", "hidden_size", "num_layers"]),
+    (jnnx.ConvLSTM, ["input_channels", "hidden_channels", "kernel_size", "num_layers"]),
+    (jnnx.LSTMCell, ["input_size", "hidden_size"]),
+    (jnnx.GRUCell, ["input_size", "hidden_size"]),
+    (jnnx.RNNCell, ["input_size", "hidden_size"]),
+    (jnnx.ConvLSTMCell, ["input_channels", "hidden_channels", "kernel_size"]),
+])
+def test_signature_is_torch_order_then_the_linen_fields(cls, positional):
+    """The constructor is declared once from the Linen twin: torch's positional arguments,
+    then every other Linen field keyword-only with the Linen default, then rngs."""
+    import dataclasses
+    import inspect
+
+    parameters = inspect.signature(cls).parameters
+    kinds = [p.kind for p in parameters.values()]
+    assert list(parameters)[: len(positional)] == positional
+    assert kinds.count(inspect.Parameter.POSITIONAL_OR_KEYWORD) == len(positional)
+    fields = {f.name: f.default for f in dataclasses.fields(cls._linen_type)
+              if f.name not in ("parent", "name")}
+    for name, default in fields.items():
+        if name not in positional:
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+            assert parameters[name].default == default, name
+    assert list(parameters)[-1] == "rngs" and parameters["rngs"].default is inspect.Parameter.empty
+    # every option reads back from the module, as given
+    options = {name: 2 for name in ("num_layers",) if name in fields}
+    module = cls(3, 5, *([3] if "kernel_size" in positional else []), **options,
+                 rngs=nnx.Rngs(0))
+    for name in fields:
+        assert getattr(module, name) == getattr(module.linen, name), name
+    assert getattr(module, positional[0]) == 3
 
 
 # -------------------------------------------------------------------- construction, docs

@@ -303,7 +303,7 @@ def test_modules_arguments_and_repr():
     gru = StatefulGRU(3, 4, 2, batch_first=False, bias=False, dropout=0.0, bidirectional=True)
     assert gru.gru is gru.module and isinstance(gru.gru, nn.GRU)
     assert (gru.gru.num_layers, gru.gru.batch_first, gru.gru.bias, gru.gru.bidirectional) == (2, False, False, True)
-    rnn = StatefulRNN(3, 4, 2, "relu", False)  # positions as nn.RNN's
+    rnn = StatefulRNN(3, 4, 2, "relu", batch_first=False)  # nonlinearity 4th, as nn.RNN
     assert rnn.rnn is rnn.module and isinstance(rnn.rnn, nn.RNN)
     assert (rnn.rnn.num_layers, rnn.rnn.nonlinearity, rnn.rnn.batch_first) == (2, "relu", False)
     assert StatefulRNN(3, 4).rnn.nonlinearity == "tanh" and StatefulGRU(3, 4).gru.batch_first
