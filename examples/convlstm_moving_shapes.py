@@ -10,9 +10,6 @@ chunk with ``jax_impl.make_tbptt_step`` (state carried, graph cut at each chunk)
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 
 import flax.linen as nn
@@ -24,10 +21,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _common import save_figure, tbptt_arguments  # noqa: E402
 
 import jax_impl  # noqa: E402
-
-DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "carryover-examples")
 
 
 class FramePredictor(nn.Module):
@@ -66,15 +62,10 @@ def bce_logits(logits, target):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=48, help="training steps (one chunk each)")
-    parser.add_argument("--chunk", type=int, default=6, help="frames per chunk (TBPTT window)")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks per sequence")
+    parser = tbptt_arguments(__doc__, steps=48, chunk=6, chunks=4, hidden=8,
+                             chunk_help="frames per chunk (TBPTT window)",
+                             chunks_help="chunks per sequence")
     parser.add_argument("--size", type=int, default=16, help="frame height and width")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -105,8 +96,6 @@ def main(argv=None) -> None:
     # predictions over the first chunk of sequence 0, from zeros, with the trained weights
     logits, _ = jax.jit(model.apply)(variables, xs[0], new_carry())
     predicted = np.asarray(jax.nn.sigmoid(logits))[0, ..., 0]  # (chunk, S, S)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "convlstm_moving_shapes.png")
     shown = min(args.chunk, 6)
     fig, axes = plt.subplots(3, shown, figsize=(1.6 * shown, 5.2), squeeze=False)
     for t in range(shown):
@@ -122,9 +111,7 @@ def main(argv=None) -> None:
     loss_ax.set_xlabel("step (one chunk)")
     loss_ax.set_ylabel("BCE")
     fig.suptitle("next frame: true (top), predicted (middle)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+    save_figure(fig, args.out, "convlstm_moving_shapes.png", start)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ optimizer (``parity.make_optimizers``). The two loss curves coincide.
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 
 import flax.linen as nn
@@ -27,12 +24,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import make_signal, plot_losses, save_figure, tbptt_arguments  # noqa: E402
 
 import jax_impl  # noqa: E402
 import parity  # noqa: E402
 import torch_impl  # noqa: E402
-
-DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "carryover-examples")
 
 
 class Forecaster(nn.Module):
@@ -45,15 +41,6 @@ class Forecaster(nn.Module):
         y, carry = jax_impl.LSTM(self.hidden, name="lstm")(x, carry)  # (B, T, hidden)
         return nn.Dense(1, name="head")(y), carry
 
-
-def make_signal(batch: int, length: int, seed: int) -> np.ndarray:
-    """``(batch, length + 1, 1)`` float32: two sines with random phases plus noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(length + 1)[None, :]
-    phase = rng.uniform(0, 2 * np.pi, size=(batch, 2))
-    s = np.sin(2 * np.pi * t / 24 + phase[:, :1]) + 0.5 * np.sin(2 * np.pi * t / 7 + phase[:, 1:])
-    s = s + 0.1 * rng.normal(size=s.shape)
-    return s[..., None].astype(np.float32)
 
 
 def train_jax(model, variables, tx, xs, ys, steps):
@@ -103,15 +90,7 @@ CLIP = 1.0
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=96, help="training steps (one chunk each)")
-    parser.add_argument("--chunk", type=int, default=24, help="chunk length (TBPTT window)")
-    parser.add_argument("--chunks", type=int, default=8, help="chunks per pass over the signal")
-    parser.add_argument("--hidden", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG")
-    args = parser.parse_args(argv)
+    args = tbptt_arguments(__doc__, steps=96, chunk=24, chunks=8, hidden=16).parse_args(argv)
     start = time.perf_counter()
     torch.set_num_threads(1)  # a model this small only loses time to thread start-up
 
@@ -135,22 +114,15 @@ def main(argv=None) -> None:
     gap = max(abs(a - b) for a, b in zip(jax_losses, torch_losses))
     print(f"max |loss jax - loss torch| over {args.steps} steps: {gap:.3g}")
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "forecast_tbptt.png")
     fig, (ax_loss, ax_fit) = plt.subplots(2, 1, figsize=(8, 6))
-    ax_loss.semilogy(jax_losses, label="JAX (make_tbptt_step)")
-    ax_loss.semilogy(torch_losses, "--", label="torch (StatefulLSTM)")
-    ax_loss.set_xlabel("step (one chunk)")
-    ax_loss.set_ylabel("MSE")
-    ax_loss.legend()
+    plot_losses(ax_loss, {"JAX (make_tbptt_step)": (jax_losses, "-"),
+                          "torch (StatefulLSTM)": (torch_losses, "--")})
     seen = preds.shape[1]
     ax_fit.plot(y[0, :seen, 0], label="signal (next value)")
     ax_fit.plot(preds[0, :, 0], label="forecast, last pass")
     ax_fit.set_xlabel("time step")
     ax_fit.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+    save_figure(fig, args.out, "forecast_tbptt.png", start)
 
 
 if __name__ == "__main__":

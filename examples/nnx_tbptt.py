@@ -1,4 +1,4 @@
-"""Forecast a noisy sine with a Flax NNX GRU, trained by truncated BPTT (``jax_impl.nnx``).
+"""Forecast a noisy signal with a Flax NNX GRU, trained by truncated BPTT (``jax_impl.nnx``).
 
 The model is an NNX module built eagerly: a ``jax_impl.nnx.GRU`` (torch's GRU, torch's init)
 and an ``nnx.Linear`` read-out. The sequence is cut into chunks; each step runs one chunk from
@@ -12,9 +12,6 @@ zeros; the loss is printed once per pass and plotted.
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 
 import jax.numpy as jnp
@@ -24,11 +21,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _common import make_signal, plot_losses, save_figure, tbptt_arguments  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jax_impl.nnx as jnnx  # noqa: E402
-
-DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "carryover-examples")
 
 
 class Forecaster(nnx.Module):
@@ -43,25 +39,9 @@ class Forecaster(nnx.Module):
         return self.head(y), carry
 
 
-def make_signal(batch: int, length: int, seed: int) -> np.ndarray:
-    """``(batch, length + 1, 1)`` float32: a sine with random phases plus noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(length + 1)[None, :]
-    phase = rng.uniform(0, 2 * np.pi, size=(batch, 1))
-    s = np.sin(2 * np.pi * t / 16 + phase) + 0.05 * rng.normal(size=(batch, length + 1))
-    return s[..., None].astype(np.float32)
-
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=48, help="training steps (one chunk each)")
-    parser.add_argument("--chunk", type=int, default=16, help="chunk length (TBPTT window)")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks per pass over the signal")
-    parser.add_argument("--hidden", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG")
-    args = parser.parse_args(argv)
+    args = tbptt_arguments(__doc__, steps=48, chunk=16, chunks=4, hidden=16).parse_args(argv)
     start = time.perf_counter()
 
     signal = make_signal(args.batch, args.chunk * args.chunks, args.seed)  # (B, N + 1, 1)
@@ -82,16 +62,9 @@ def main(argv=None) -> None:
     for k in range(0, args.steps, args.chunks):  # one line per pass: its mean loss
         print(f"step {k:4d} loss {np.mean(losses[k : k + args.chunks]):.6f}")
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "nnx_tbptt.png")
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.semilogy(losses, label="jax_impl.nnx.GRU + nnx.Linear")
-    ax.set_xlabel("step (one chunk)")
-    ax.set_ylabel("MSE")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+    plot_losses(ax, {"jax_impl.nnx.GRU + nnx.Linear": (losses, "-")})
+    save_figure(fig, args.out, "nnx_tbptt.png", start)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ def check_lstm_sizes(hidden_size, proj_size) -> None:
         )
 
 
+def check_conv_sizes(hidden_channels, kernel_size, dilation) -> None:
+    """A ConvLSTM's sizes: hidden_channels >= 1; kernel_size and dilation ints or pairs >= 1."""
+    check_int(hidden_channels, "hidden_channels", 1)
+    as_pair(kernel_size, "kernel_size")
+    as_pair(dilation, "dilation")
+
+
 BACKWARDS = ("batched", "autodiff", "remat")
 
 

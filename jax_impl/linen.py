@@ -32,6 +32,7 @@ from .checks import (
     as_pair,
     check_backward,
     check_carry,
+    check_conv_sizes,
     check_dropout,
     check_input,
     check_int,
@@ -383,9 +384,7 @@ class ConvLSTM(_Recurrent):
     dilation: Any = 1
 
     def __post_init__(self):
-        check_int(self.hidden_channels, "hidden_channels", 1)
-        as_pair(self.kernel_size, "kernel_size")
-        as_pair(self.dilation, "dilation")
+        check_conv_sizes(self.hidden_channels, self.kernel_size, self.dilation)
         super().__post_init__()
 
     @nn.nowrap
@@ -585,9 +584,7 @@ class ConvLSTMCell(_Cell):
     _weights_type = ConvWeights
 
     def __post_init__(self):
-        check_int(self.hidden_channels, "hidden_channels", 1)
-        as_pair(self.kernel_size, "kernel_size")
-        as_pair(self.dilation, "dilation")
+        check_conv_sizes(self.hidden_channels, self.kernel_size, self.dilation)
         super().__post_init__()
 
     @nn.nowrap

@@ -323,6 +323,9 @@ _CALL_DOC = """
             x: ``(B, T, *features)``, ``(T, B, ...)`` when time_major, or unbatched
                 ``(T, ...)``; features ``(F,)`` (``input_size``) or ``(H, W, C)``.
             carry: in torch's layout (``initialize_carry``); None for zeros.
+            deterministic: overrides ``self.deterministic`` for this call (None: keep it).
+            rngs: for this call's dropout: an ``nnx.Rngs`` (its ``'dropout'`` stream), an
+                ``nnx.RngStream`` or a key; None uses ``self.rngs``.
             seq_lengths: ``(B,)`` valid steps per row: torch's packed-sequence semantics.
             reset: bools in the input's layout (``(B, T)``, ``(T, B)`` when time_major,
                 ``(T,)`` unbatched): zero the carry before each marked step.
@@ -330,9 +333,6 @@ _CALL_DOC = """
                 that layer's output in the input's layout; used instead of a random draw when
                 dropout is on (parity).
             mesh, batch_axis: run data-parallel, as the Linen module's call.
-            deterministic: overrides ``self.deterministic`` for this call (None: keep it).
-            rngs: for this call's dropout: an ``nnx.Rngs`` (its ``'dropout'`` stream), an
-                ``nnx.RngStream`` or a key; None uses ``self.rngs``.
 
         Returns:
             ``(y, carry)``: y ``(..., D*H_out)`` in the input's layout, the final carry.
@@ -439,13 +439,13 @@ class _Recurrent(_TorchConstructor, nnx.Module):
         x: Array,
         carry: Any = None,
         *,
+        deterministic: Optional[bool] = None,  # NNX's mode and rngs first; then Linen's options
+        rngs: Any = None,
         seq_lengths: Optional[Array] = None,
         reset: Optional[Array] = None,
         dropout_masks: Optional[Sequence[Array]] = None,
         mesh: Optional[MeshLike] = None,
         batch_axis: BatchAxis = "batch",
-        deterministic: Optional[bool] = None,
-        rngs: Any = None,
     ) -> tuple[Array, Any]:
         config = self.linen._config()
         name = type(self).__name__

@@ -414,11 +414,8 @@ class StatefulGRU(_StatefulTorchRNN):
 
 
 class StatefulRNN(_StatefulTorchRNN):
-    """An Elman nn.RNN (``.rnn``) that carries its state h across calls.
-
-    See :class:`StatefulWrapper` for the state handling: the state is one tensor
-    ``(num_layers * num_directions, B, hidden_size)``, or ``(num_layers * num_directions,
-    hidden_size)`` for unbatched input. ``batch_first`` defaults to True.
+    """An Elman nn.RNN (``.rnn``) that carries its state h across calls: as
+    :class:`StatefulGRU` (one state tensor), with nn.RNN's ``nonlinearity``.
 
     Arguments:
         input_size, hidden_size, num_layers, nonlinearity: as nn.RNN (``"tanh"`` or
