@@ -5,7 +5,9 @@ status: 0 every comparison matches, 1 a mismatch, 2 a usage error (including an 
 selects nothing, so a typo cannot pass green). ``--json PATH`` writes a strict JSON report
 (``schema_version`` 1, see ``json_report``). ``--quick`` finishes in under a minute on 2 cores.
 ``--devices N`` validates the JAX side split along the batch over a mesh of N devices (forced
-CPU devices where fewer exist). ``python -m parity convert ...`` is the checkpoint converter.
+CPU devices where fewer exist). ``--target NAME`` validates another ``to_jax`` target than
+carryover's Linen modules (``nnx``, ``flax.linen``, ...), skipping the configurations it cannot
+express. ``python -m parity convert ...`` is the checkpoint converter.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch_impl
 
 from .harness import compare
 from .report import LOW_PRECISION_FLOOR, LOW_PRECISION_RATIO, Report
+from .targets import TARGETS
 
 DEVICES_CHILD = "CARRYOVER_PARITY_DEVICES_CHILD"  # set in the re-executed child: no second re-exec
 # The JSON report's layout; bumped when a key is renamed, removed or changes type, so a consumer
@@ -122,17 +125,48 @@ CASES = [
 ]
 
 
-def _run(case: Case, dtype: torch.dtype, seed: int, atol: float | None = None, mesh=None) -> Report:
+def _module(case: Case, seed: int) -> torch.nn.Module:
+    """The case's torch module as every run of ``seed`` sees it (same weights)."""
     torch.manual_seed(seed)
-    module = case.make().eval()
+    return case.make().eval()
+
+
+def _run(case: Case, dtype: torch.dtype, seed: int, atol: float | None = None, mesh=None,
+         target: str = "linen") -> Report:
+    module = _module(case, seed)
     x = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1))
-    port = {} if mesh is None else _sharded_port(module, dtype, mesh)
+    # --devices is refused for other targets (main): the mesh splits carryover's Linen port
+    port = {"target": target} if mesh is None else _sharded_port(module, dtype, mesh)
     options = case.options
     if dtype == torch.bfloat16:  # judged against a float64 truth: outputs and states only
         options = {k: v for k, v in options.items() if k not in ("grads", "dropout_masks")}
     report = compare(module, x, dtype=dtype, seed=seed, atol=atol, **port, **options)
     report.config = f"{case.name}" + ("" if mesh is None else f" [{mesh.size} devices]")
     return report
+
+
+# ------------------------------------------------------------------------- --target NAME
+
+
+def _inexpressible(cases: list[Case], target: str, seed: int) -> dict[str, str]:
+    """Configuration name -> why ``target`` cannot express its module (``to_jax``'s ValueError).
+
+    carryover's own targets express every option. The others refuse by the module's options
+    (and flax.nnx by a GRU's b_hn values), never by dtype: one float32 conversion of the module
+    the run will use decides for every dtype. ImportError (the target's library is missing)
+    propagates.
+    """
+    if target in ("linen", "nnx"):
+        return {}
+    from .convert import to_jax
+
+    reasons = {}
+    for case in cases:
+        try:
+            to_jax(_module(case, seed), target=target)
+        except ValueError as error:
+            reasons[case.name] = str(error)
+    return reasons
 
 
 # ------------------------------------------------------------------------- --devices N
@@ -216,10 +250,11 @@ def _environment() -> dict:
     }
 
 
-def _table(results: list[Report]):
+def _table(results: list[Report], target: str = "linen"):
     from rich.table import Table
 
-    table = Table(title="carryover parity: JAX vs torch, max abs error", title_justify="left")
+    table = Table(title=f"carryover parity: JAX (target {target}) vs torch, max abs error",
+                  title_justify="left")
     for column in ("configuration", "dtype", "run", "output", "h_n", "c_n", "grads (rel)", "bound", "result"):
         table.add_column(column, justify="right" if column in ("output", "h_n", "c_n", "grads (rel)", "bound") else "left")
     for report in results:
@@ -468,9 +503,9 @@ def json_report(summary: dict, arguments: dict, results: list[Report], skipped: 
     Arguments:
         summary: ``ok``, ``configurations`` (comparisons run), ``failed``, ``seconds``, and
             ``devices`` / ``drift`` when the run has them.
-        arguments: the command's options (dtype, seed, quick, only, atol, devices, plot).
+        arguments: the command's options (dtype, seed, quick, only, atol, devices, plot, target).
         results: one ``Report`` per comparison.
-        skipped: configuration name -> why ``--devices`` left it out.
+        skipped: configuration name -> why ``--devices`` or ``--target`` left it out.
         environment: ``_environment()``.
 
     Returns:
@@ -521,7 +556,7 @@ the names (of the --quick grid with --quick).
 exit status:
   0  every comparison matches
   1  a mismatch (an uncaught error also exits 1, with a traceback)
-  2  usage error: a bad option, or --only / --devices leave no configuration to run
+  2  usage error: a bad option, or --only / --devices / --target leave no configuration to run
 
 --json writes strict JSON (no NaN/Infinity: such numbers are null with a "<key>_note" sibling),
 "schema_version": 1. The --plot drift curves are reported but do not change the exit status.
@@ -548,6 +583,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true",
                         help="print the configuration names (after --quick/--only), one per line, and exit")
     parser.add_argument("--atol", type=float, help="override the forward bound (default: docs/design.md's per dtype)")
+    parser.add_argument("--target", choices=TARGETS, default="linen", metavar="NAME",
+                        help="the JAX port to validate: to_jax(module, target=NAME), one of "
+                             f"{', '.join(TARGETS)} (default linen); configurations it cannot "
+                             "express are skipped with the reason")
     parser.add_argument("--devices", type=int, default=1, metavar="N",
                         help="run the JAX side split along the batch over a mesh of N devices "
                              "(batched LSTM/ConvLSTM cases whose batch N divides; forced CPU "
@@ -576,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.atol is not None and not (math.isfinite(args.atol) and args.atol >= 0):
         parser.error(f"--atol must be a finite number >= 0, got {args.atol}")
+    if args.devices > 1 and args.target != "linen":
+        parser.error(f"--devices {args.devices} splits carryover's Linen port along the batch; "
+                     f"it cannot be combined with --target {args.target}")
     cases = select_cases(args.only, args.quick)
     if not cases:  # checked before any JAX start or re-exec: a typo fails fast
         print(f"python -m parity: error: {_nothing_selected(args.only, args.quick)}", file=sys.stderr)
@@ -586,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mesh = None
     skipped: dict[str, str] = {}
+    skipped_by = ""  # the option that skipped them, for the messages
     if args.devices > 1:
         import jax
 
@@ -598,19 +641,26 @@ def main(argv: list[str] | None = None) -> int:
         mesh = _mesh(args.devices)
         reasons = {c.name: _unshardable(c, args.devices) for c in cases}
         skipped = {name: why for name, why in reasons.items() if why}
-        if len(skipped) == len(cases):
-            print(f"python -m parity: error: --devices {args.devices}: none of the selected "
-                  "configurations can be split:\n"
-                  + "\n".join(f"  {name}: {why}" for name, why in skipped.items()), file=sys.stderr)
+        skipped_by = f"--devices {args.devices}"
+    elif args.target != "linen":
+        try:
+            skipped = _inexpressible(cases, args.target, args.seed)
+        except ImportError as error:  # the target's library is not installed
+            print(f"python -m parity: error: --target {args.target}: {error}", file=sys.stderr)
             return 2
-        cases = [c for c in cases if c.name not in skipped]
+        skipped_by = f"--target {args.target}"
+    if skipped and len(skipped) == len(cases):
+        print(f"python -m parity: error: {skipped_by}: every selected configuration is skipped:\n"
+              + "\n".join(f"  {name}: {why}" for name, why in skipped.items()), file=sys.stderr)
+        return 2
+    cases = [c for c in cases if c.name not in skipped]
 
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     for name, why in skipped.items():
-        console.print(f"--devices {args.devices}: skipping {name} ({why})")
+        console.print(f"{skipped_by}: skipping {name} ({why})")
     dtypes = {"float32": [torch.float32], "float64": [torch.float64], "both": [torch.float32, torch.float64],
               "bfloat16": [torch.bfloat16]}[args.dtype]
     results: list[Report] = []
@@ -620,9 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for dtype in dtypes:
                 progress.update(task, description=f"{case.name} [{str(dtype)[6:]}]")
-                results.append(_run(case, dtype, args.seed, args.atol, mesh))
+                results.append(_run(case, dtype, args.seed, args.atol, mesh, args.target))
                 progress.advance(task)
-    console.print(_table(results))
+    console.print(_table(results, args.target))
     failures = [r for r in results if not r.ok]
     elapsed = time.perf_counter() - started
     summary = {"ok": not failures, "configurations": len(results), "failed": len(failures), "seconds": round(elapsed, 1)}
@@ -633,11 +683,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"drift plot written to {args.plot}: {json.dumps(strict_json(summary['drift'])[0])}")
     if args.json:
         arguments = {"dtype": args.dtype, "seed": args.seed, "quick": args.quick, "only": args.only,
-                     "atol": args.atol, "devices": args.devices, "plot": args.plot}
+                     "atol": args.atol, "devices": args.devices, "plot": args.plot,
+                     "target": args.target}
         write_json(args.json, json_report(summary, arguments, results, skipped, _environment()))
         console.print(f"report written to {args.json}")
     verdict = "[green]all match[/green]" if not failures else f"[red]{len(failures)} mismatched[/red]"
-    console.print(f"{len(results)} comparisons, {verdict} ({elapsed:.0f} s)")
+    console.print(f"{len(results)} comparisons (target {args.target}), {verdict} ({elapsed:.0f} s)")
     return 1 if failures else 0
 
 

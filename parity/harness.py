@@ -39,7 +39,7 @@ from .dropout import (
 )
 from .mapping import ModuleSpec
 from .report import Check, Report, bounds_for, check_against_truth, check_arrays
-from .targets import target_of
+from .targets import TARGETS, target_of
 
 __all__ = ["compare", "numerics", "resolve_chunks", "Port", "port_for"]
 
@@ -297,6 +297,7 @@ def compare(
     seed: int = 0,
     dropout_masks: Union[None, str, Sequence[Any]] = None,
     jax_dropout_masks: Optional[Sequence[Any]] = None,
+    target: str = "linen",
 ) -> Report:
     """Runs torch and JAX on the same weights and input and reports how far apart they are.
 
@@ -305,8 +306,9 @@ def compare(
             ConvLSTMCell, or a torch_impl stateful module (its live state is the default
             initial state).
         x: the input in torch's layout (a cell takes a time-major sequence of steps).
-        jax_module, variables: a JAX port to validate; default ``to_jax(torch_module)``. A
-            ``jax_impl.nnx`` module needs no variables (it holds them).
+        jax_module, variables: a JAX port to validate; default ``to_jax(torch_module,
+            target=target)``, converted in ``dtype``. A ``jax_impl.nnx`` module needs no
+            variables (it holds them).
         chunks: also run chunk by chunk with the state carried on both sides: an int (chunk
             length), a list of lengths, or ``"random"``.
         initial_state: torch's state (``(h, c)``, or ``h`` for a GRU / RNN), ``"random"``, or
@@ -331,6 +333,9 @@ def compare(
             torch module runs in eval mode, JAX with ``deterministic=True``).
         jax_dropout_masks: other masks for the JAX side only (default: the same); a mismatch
             the report must catch, for testing the harness.
+        target: the port to validate when ``jax_module`` is None: a ``to_jax`` target name
+            (``parity.targets.TARGETS``; default ``"linen"``). A target that cannot express the
+            module raises ``to_jax``'s ValueError.
 
     Returns:
         A ``Report``.
@@ -342,6 +347,13 @@ def compare(
         >>> report.ok
         True
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if jax_module is not None and target != "linen":
+        raise ValueError(
+            f"pass jax_module or target, not both: jax_module is the port to validate, "
+            f"target={target!r} names one for compare to convert"
+        )
     if isinstance(torch_module, torch_impl.StatefulWrapper):
         if initial_state is None:
             initial_state = torch_module.get_state()
@@ -383,8 +395,8 @@ def compare(
 
     report = Report(_describe(torch_module), str(dtype).replace("torch.", ""))
     with numerics(dtype), deterministic_unless_masked(torch_module, masks_t):
-        if jax_module is None:
-            jax_module, variables = to_jax(torch_module)
+        if jax_module is None:  # inside numerics: float64 weights convert with x64 on
+            jax_module, variables = to_jax(torch_module, target=target)
         port, variables = port_for(spec, torch_module, jax_module, variables)
         run, loss_grads = _jitted(port)
 

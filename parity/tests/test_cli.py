@@ -16,7 +16,8 @@ import sys
 import pytest
 
 import parity.__main__ as cli
-from parity import Check, Report
+from parity import Check, Report, compare
+from parity.targets import TARGETS
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -46,7 +47,7 @@ TOP_LEVEL = {
 }
 ARGUMENTS = {
     "dtype": str, "seed": int, "quick": bool, "only": (str, type(None)),
-    "atol": (float, type(None)), "devices": int, "plot": (str, type(None)),
+    "atol": (float, type(None)), "devices": int, "plot": (str, type(None)), "target": str,
 }
 CHECK = {
     "run": str, "tensor": str, "max_abs": (float, type(None)), "max_rel": (float, type(None)),
@@ -77,7 +78,7 @@ def test_passing_run_exits_0_and_writes_strict_json_with_the_schema(tmp_path):
     assert report["git_commit"] is None or len(report["git_commit"]) == 40  # None outside a checkout
     _assert_types(report["arguments"], ARGUMENTS, "arguments")
     assert report["arguments"] == {"dtype": "float64", "seed": 0, "quick": True, "only": "convlstm l2",
-                                   "atol": None, "devices": 1, "plot": None}
+                                   "atol": None, "devices": 1, "plot": None, "target": "linen"}
     assert report["skipped"] == [] and "drift" not in report
     assert report["environment"]["jax"] and report["environment"]["torch"]
     (only,) = report["reports"]
@@ -138,12 +139,69 @@ def test_help_documents_exit_statuses_and_the_convert_subcommand(capsys):
     assert "ignoring case" in out and "python -m parity convert --help" in out
 
 
-@pytest.mark.parametrize("args", [["--atol", "nan"], ["--atol", "-1"], ["--devices", "0"], ["--dtype", "f16"]])
+@pytest.mark.parametrize("args", [["--atol", "nan"], ["--atol", "-1"], ["--devices", "0"], ["--dtype", "f16"],
+                                  ["--devices", "2", "--target", "nnx"]])
 def test_bad_options_exit_2(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(args)
     assert exit_.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_unknown_target_exits_2_naming_the_targets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--target", "tensorflow", "--json", "never-written.json"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'tensorflow'" in err and all(f"'{name}'" in err for name in TARGETS)
+
+
+def test_target_that_expresses_none_of_the_selection_exits_2_with_the_reasons(tmp_path, capsys):
+    """Stock NNX has no ConvLSTM: every ConvLSTM row is skipped, which is a usage error (as an
+    --only that selects nothing), each reason printed, no report written."""
+    out = tmp_path / "report.json"
+    assert cli.main(["--target", "flax.nnx", "--only", "ConvLSTM", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--target flax.nnx: every selected configuration is skipped" in err
+    for case in cli.select_cases("ConvLSTM", quick=False):
+        assert f"  {case.name}: a {type(case.make()).__name__} cannot be expressed by target 'flax.nnx'" in err
+    assert not out.exists()
+
+
+def test_target_whose_library_is_missing_exits_2_naming_the_extra(monkeypatch, capsys):
+    """equinox made unimportable for this test (None in sys.modules stops its import)."""
+    monkeypatch.delitem(sys.modules, "parity.targets.equinox", raising=False)
+    monkeypatch.setitem(sys.modules, "equinox", None)
+    assert cli.main(["--target", "equinox", "--only", "LSTMCell"]) == 2
+    err = capsys.readouterr().err
+    assert "--target equinox: target 'equinox' needs equinox" in err and "carryover[interop]" in err
+
+
+def test_target_runs_what_it_expresses_and_skips_the_rest(tmp_path, monkeypatch, capsys):
+    """--target flax.nnx over the cells: compare converts to that target (seen at the call);
+    the GRUCell (its b_hn is not zero) and the ConvLSTMCell are skipped with their reasons, and
+    the report records both."""
+    targets = []
+
+    def spy(*args, **kwargs):
+        targets.append(kwargs.get("target"))
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "compare", spy)
+    out = tmp_path / "report.json"
+    assert cli.main(["--target", "flax.nnx", "--only", "Cell", "--dtype", "float64",
+                     "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "--target flax.nnx: skipping GRUCell (a GRU bias b_hn" in stdout
+    assert "JAX (target flax.nnx) vs torch" in stdout and "(target flax.nnx), all match" in stdout
+    report = _strict_load(out.read_text())
+    assert report["arguments"]["target"] == "flax.nnx" and report["ok"] is True
+    ran = ["LSTMCell", "RNNCell relu"]
+    assert [r["config"] for r in report["reports"]] == ran
+    skipped = {s["config"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"GRUCell", "ConvLSTMCell k2"}
+    assert "b_hn" in skipped["GRUCell"] and "a ConvLSTMCell cannot be expressed" in skipped["ConvLSTMCell k2"]
+    assert targets == ["flax.nnx"] * len(ran)
 
 
 def test_case_names_are_unique():
@@ -173,7 +231,7 @@ def test_non_finite_errors_are_null_with_a_note(tmp_path, monkeypatch, capsys):
     """A shape mismatch (inf) and a NaN error reach the JSON as null plus ``<key>_note``, and
     the file parses strictly; the comparison itself is stubbed (the report's shape is the point)."""
 
-    def broken(case, dtype, seed, atol=None, mesh=None):
+    def broken(case, dtype, seed, atol=None, mesh=None, target="linen"):
         return Report(case.name, "float32", [
             Check("full", "output", math.inf, math.inf, None, 1e-5, False, "shape (4, 24, 16) vs torch (4, 24, 8)"),
             Check("full", "h_n", math.nan, math.nan, (0, 1), 1e-5, False),
@@ -226,7 +284,7 @@ def test_drift_curves_carry_bound_and_ok(tmp_path, monkeypatch):
     is test_drift_plot, slow)."""
     drift = {"LSTM": {"jax_max": 5e-8, "torch_max": 4e-8, "steps": 2000, "bound": 1e-5, "ok": True}}
     monkeypatch.setattr(cli, "plot_drift", lambda path: drift)
-    monkeypatch.setattr(cli, "_run", lambda case, dtype, seed, atol=None, mesh=None: Report(
+    monkeypatch.setattr(cli, "_run", lambda case, dtype, seed, atol=None, mesh=None, target="linen": Report(
         case.name, "float64", [Check("full", "output", 0.0, 0.0, None, 1e-12, True)]))
     out = tmp_path / "report.json"
     assert cli.main(["--only", "LSTMCell", "--dtype", "float64", "--plot", str(tmp_path / "d.png"),

@@ -63,6 +63,22 @@ def test_nnx_and_linen_reports_are_identical_in_float64():
     ]
 
 
+def test_compare_converts_to_the_target_it_is_named():
+    """compare(target=NAME) validates to_jax(module, target=NAME): a stock NNX GRU cannot hold
+    torch's b_hn, so target "flax.nnx" refuses the module that the default (Linen) runs."""
+    torch.manual_seed(1)
+    module = torch.nn.GRU(4, 6, batch_first=True)
+    x = torch.randn(3, 8, 4)
+    assert compare(module, x).ok
+    with pytest.raises(ValueError, match="b_hn .* cannot be expressed by target 'flax.nnx'"):
+        compare(module, x, target="flax.nnx")
+    with pytest.raises(ValueError, match=r"target must be one of \(.linen., .nnx., .*got .tensorflow."):
+        compare(module, x, target="tensorflow")
+    nnx_module, _ = to_jax(module, target="nnx")
+    with pytest.raises(ValueError, match="pass jax_module or target, not both"):
+        compare(module, x, jax_module=nnx_module, target="nnx")
+
+
 def test_a_wrong_nnx_port_fails():
     torch.manual_seed(2)
     module = torch.nn.LSTM(4, 6, batch_first=True).double()
