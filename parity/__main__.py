@@ -85,7 +85,9 @@ def _conv(**kwargs) -> Callable[[], torch.nn.Module]:
 
 RANDOM_STATE = {"initial_state": "random"}
 CASES = [
-    Case("LSTM L1", _lstm(batch_first=True), (4, 24, 8), {"chunks": "random", **RANDOM_STATE, "grads": True}),
+    # quick: also the one-layer row stock libraries' layers (--target keras, flax.*) can run
+    Case("LSTM L1", _lstm(batch_first=True), (4, 24, 8), {"chunks": "random", **RANDOM_STATE, "grads": True},
+         quick=True),
     Case("LSTM L1 chunks of 1", _lstm(batch_first=True), (4, 24, 8), {"chunks": 1}),
     Case("LSTM L2 time-major", _lstm(num_layers=2), (24, 4, 8), {"chunks": [8, 16], **RANDOM_STATE, "grads": True}),
     Case("LSTM L3 bidirectional", _lstm(num_layers=3, bidirectional=True, batch_first=True), (4, 24, 8),
