@@ -18,12 +18,18 @@ weights (``load_linen_params``) and checked to give the same output:
 
 Times are per call (call + ``block_until_ready``), median over interleaved rounds of
 ``--calls`` calls each. Sizes: cfg3's (1 layer) and cfg2's (2 layers) modules.
+
+``--full CONFIG ...`` then times the jitted forms at the configurations' full shapes (forward,
+one call per form per round, the order shuffled every round) and prints each form's paired
+median ratio to the Linen call with its interquartile range: how the fixed cost above shows in
+a real call, e.g. ``--full cfg3 cfg1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -39,9 +45,11 @@ import jax_impl.nnx as jax_nnx
 from .configs import find_lstm
 
 
-def forms(config: str) -> dict:
+def forms(config: str, full: bool = False) -> dict:
+    """name -> call, for the module of ``config`` on a (B1, T1) input, or at the full shape."""
     cfg = find_lstm(config)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, cfg.input_size),
+    shape = (cfg.batch, cfg.steps) if full else (1, 1)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((*shape, cfg.input_size),
                                                              dtype=np.float32))
     linen = jax_impl.LSTM(cfg.hidden_size, num_layers=cfg.num_layers)
     variables = linen.init(jax.random.key(0), x)
@@ -91,16 +99,43 @@ def measure(config: str, rounds: int, calls: int) -> dict:
                    "min_us": 1e6 * min(t)} for name, t in per_call.items()}
 
 
+def measure_full(config: str, rounds: int) -> dict:
+    fns = {k: v for k, v in forms(config, full=True).items() if not k.endswith("alone")}
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name]())
+            times[name].append(time.perf_counter() - t0)
+    base = times["linen jax.jit"]
+    out = {}
+    for name, t in times.items():
+        ratios = [a / b for a, b in zip(t, base)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        out[name] = {"median_ms": 1e3 * statistics.median(t), "ratio": statistics.median(ratios),
+                     "iqr": [q1, q3]}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["cfg3", "cfg2"])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--full", nargs="*", default=[], metavar="CONFIG",
+                        help="also time the forms at these configurations' full shapes")
+    parser.add_argument("--full-rounds", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     results = {c: measure(c, args.rounds, args.calls) for c in args.configs}
+    full = {c: measure_full(c, args.full_rounds) for c in args.full}
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({"overhead": results, "full": full}))
         return 0
     for config, rows in results.items():
         cfg = find_lstm(config)
@@ -108,8 +143,16 @@ def main(argv=None) -> int:
               "B1 T1, per call:")
         base = rows["linen jax.jit"]["median_us"]
         for name, row in rows.items():
-            print(f"  {name:<24} {row['median_us']:8.1f} us  (min {row['min_us']:7.1f})  "
-                  f"+{row['median_us'] - base:7.1f} us over linen jax.jit")
+            # the traversals alone are no jitted call: no difference to the Linen call
+            extra = "" if name.endswith("alone") else (
+                f"  {row['median_us'] - base:+7.1f} us against linen jax.jit")
+            print(f"  {name:<24} {row['median_us']:8.1f} us  (min {row['min_us']:7.1f}){extra}")
+    for config, rows in full.items():
+        cfg = find_lstm(config)
+        print(f"{config} at full shape ({cfg.describe()}), forward, {args.full_rounds} rounds:")
+        for name, row in rows.items():
+            print(f"  {name:<24} {row['median_ms']:8.3f} ms  paired ratio to linen "
+                  f"{row['ratio']:.3f} (IQR {row['iqr'][0]:.3f}-{row['iqr'][1]:.3f})")
     return 0
 
 
