@@ -13,6 +13,8 @@ weights (``load_linen_params``) and checked to give the same output:
 * ``nnx.cached_partial``: the graph traversal cached across calls (Flax's performance guide);
 * ``split/merge + jax.jit``: ``nnx.split`` once, then ``jax.jit`` of a function that merges:
   the state is an ``nnx.State`` pytree, flattened by JAX's C++ dispatch;
+* ``split/merge, state out``: the same function returning the state too, as graph-mode
+  ``nnx.jit``'s compiled program does (a copy of every parameter per call);
 * ``nnx.split(module)`` and ``nnx.merge(graphdef, state)`` alone (no jit): the traversal
   ``nnx.jit`` pays on each call.
 
@@ -62,18 +64,20 @@ def forms(config: str, full: bool = False) -> dict:
     cached = nnx.cached_partial(f_graph, module)
     graphdef, state = nnx.split(module)
     f_sm = jax.jit(lambda s, xx: nnx.merge(graphdef, s)(xx))
+    f_sm_out = jax.jit(lambda s, xx: (nnx.merge(graphdef, s)(xx), s))
     out = {
         "linen jax.jit": lambda: apply(variables, x),
         "nnx.jit": lambda: f_graph(module, x),
         "nnx.jit(graph=False)": lambda: f_tree(module, x),
         "nnx.cached_partial": lambda: cached(x),
         "split/merge + jax.jit": lambda: f_sm(state, x),
+        "split/merge, state out": lambda: f_sm_out(state, x)[0],
         "nnx.split alone": lambda: nnx.split(module),
         "nnx.merge alone": lambda: nnx.merge(graphdef, state),
     }
     reference = jax.block_until_ready(out["linen jax.jit"]())
     for name in ("nnx.jit", "nnx.jit(graph=False)", "nnx.cached_partial",
-                 "split/merge + jax.jit"):
+                 "split/merge + jax.jit", "split/merge, state out"):
         got = jax.block_until_ready(out[name]())
         same = all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(reference), jax.tree.leaves(got)))

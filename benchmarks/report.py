@@ -205,7 +205,9 @@ def ratios_png(results: dict, path: Path) -> None:
             ax.plot([bound, bound], [yi - 0.4, yi + 0.4], color="red", lw=1.5)
     ax.axvline(1.0, color="black", lw=1)
     if values:
-        ax.set_xlim(right=max(max(values), 1.0) * 2.0)
+        # an explicit left end: bars start at 0, which a log axis would otherwise stretch to
+        # its smallest float, drawing every bar the same length
+        ax.set_xlim(left=min(min(values), 1.0) / 2.0, right=max(max(values), 1.0) * 2.0)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
