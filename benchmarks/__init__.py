@@ -7,7 +7,9 @@ the same run, and writes ``results.json``, ``results.md`` and ``ratios.png``.
 
 Modules: ``configs`` (shapes and FLOP counts), ``timing`` (the interleaved runner),
 ``competitors`` (what runs), ``streaming`` (``jax_impl.Stateful`` cases), ``first_call``
-(the cold-start subprocess), ``report`` (the outputs), ``cli`` (the command line).
+(the cold-start subprocess), ``construct`` (the eager-construction subprocess), ``report``
+(the outputs), ``cli`` (the command line); run on their own: ``nnx_overhead``,
+``sharded_stream``, ``remat``, ``before_after``.
 """
 
 __all__ = ["main"]

@@ -2,7 +2,8 @@
 
 Case names: ``peak/sgemm``, ``lstm/{cfg1,cfg2,cfg3,cfg1-bidir,cfg1-proj}/{fwd,fwdbwd}``,
 ``gru/{cfg1,cfg2,cfg3}/{fwd,fwdbwd}``, ``rnn/cfg1/{fwd,fwdbwd}``,
-``convlstm/{c1,c2}/{fwd,fwdbwd}``, ``stream/cfg1/fwd``, ``stream/ragged``, ``first_call/cfg1``.
+``convlstm/{c1,c2}/{fwd,fwdbwd}``, ``stream/cfg1/fwd``, ``stream/ragged``, ``first_call/cfg1``,
+``construct/cfg2``.
 The sgemm peak always runs (the "% peak" column needs it), at the start and again at the end.
 """
 
@@ -188,9 +189,10 @@ def build_cases(quick: bool) -> list[CaseSpec]:
         for cfg0 in configs:
             cfg = shrink(cfg0)
             torch_ref, torch_1t, jax_name, flax_name = C.dense_names(cfg.cell)
+            nnx_name, nnx_sm_name = C.dense_nnx_names(cfg.cell)
             for p in PASSES:
                 flops = pass_flops(cfg.forward_flops(), p)
-                pairs = []
+                pairs = [(nnx_name, jax_name), (nnx_sm_name, jax_name), (nnx_name, nnx_sm_name)]
                 if family != "lstm":
                     pairs.append((jax_name, flax_name))
                     if p == "fwd":  # the same-shape LSTM runs in these rounds (see competitors)
@@ -222,7 +224,9 @@ def build_cases(quick: bool) -> list[CaseSpec]:
                 (lambda steps=None, batch=None, cfg=cfg, p=p:
                  C.convlstm_competitors(at(cfg, steps, batch), p)),
                 flops, C.TORCH_CONV, alt_reference=C.TORCH_CONV_1T if p == "fwd" else None,
-                pairs=[(C.TORCH_CONV, C.TORCH_NAIVE), (C.JAX_CONV, C.TORCH_NAIVE)],
+                pairs=[(C.TORCH_CONV, C.TORCH_NAIVE), (C.JAX_CONV, C.TORCH_NAIVE),
+                       (C.JAX_NNX_CONV, C.JAX_CONV), (C.JAX_NNX_CONV_SM, C.JAX_CONV),
+                       (C.JAX_NNX_CONV, C.JAX_NNX_CONV_SM)],
                 schedule=with_pilot(big if cfg.name == "c2" else small, flops),
             ))
     cases.append(CaseSpec(
@@ -237,6 +241,14 @@ def build_cases(quick: bool) -> list[CaseSpec]:
 
 def _ms(x: Optional[float]) -> Optional[float]:
     return None if x is None else 1e3 * x
+
+
+def _quartiles(values: list[float]) -> Optional[list[float]]:
+    """``[q1, q3]`` of paired ratios: how far one round's ratio strays on a shared machine."""
+    if len(values) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def pilot(spec: CaseSpec, log=print) -> dict:
@@ -318,12 +330,12 @@ def summarize(spec: CaseSpec, ct, peak_flops: Optional[float], competitors,
             pairs[f"({a} / {b}) / ({c} / {d})"] = {
                 "num": f"{a} / {b}", "den": f"{c} / {d}", "terms": list(terms),
                 "per_rep": per, "median": statistics.median(per) if per else None,
-                "paired": bool(per)}
+                "iqr": _quartiles(per), "paired": bool(per)}
             continue
         num, den = terms
         per = ct.paired_ratios(num, den)
         pairs[f"{num} / {den}"] = {"num": num, "den": den, "per_rep": per,
-                                   "median": ct.ratio(num, den),
+                                   "median": ct.ratio(num, den), "iqr": _quartiles(per),
                                    "paired": bool(per)}
     cfg = spec.config
     return {
@@ -429,6 +441,15 @@ def evaluate_targets(results: dict) -> list[dict]:
                 add(f"{case}: {C.TORCH_CONV} / {C.TORCH_NAIVE}",
                     ratio(case, C.TORCH_CONV, C.TORCH_NAIVE), 1.0,
                     case=case, num=C.TORCH_CONV, den=C.TORCH_NAIVE)
+    # NNX (nnx.jit) / Linen (jax.jit), same weights, same rounds: in every case that has both
+    nnx_pairs = [(f"{nnx} / {linen}", nnx, linen) for nnx, linen in (
+        (C.JAX_NNX_LSTM, C.JAX_LSTM), (C.JAX_NNX_GRU, C.JAX_GRU), (C.JAX_NNX_RNN, C.JAX_RNN),
+        (C.JAX_NNX_CONV, C.JAX_CONV))]
+    for case in cases:
+        for key, num, den in nnx_pairs:
+            if key in cases[case].get("pairs", {}):
+                add(f"{case}: {key}", pair(case, key), 1.05, case=case, num=num, den=den,
+                    one_thread=None)
     if "stream/cfg1/fwd" in cases:
         add(f"stream/cfg1/fwd: {STREAM_CHUNKS} (16) / {JIT_FULL}",
             ratio("stream/cfg1/fwd", STREAM_CHUNKS, JIT_FULL), 1.05,
@@ -442,6 +463,15 @@ def evaluate_targets(results: dict) -> list[dict]:
     if fc and "median" in fc:
         add("first_call/cfg1: trace + compile + run, fresh process (cold)",
             fc["median"]["first_call_s"], 0.3, unit="s")
+    from .construct import NNX_COLD, TARGET_S  # noqa: PLC0415
+
+    built = results.get("construct", {}).get(NNX_COLD)
+    if built and "median" in built:
+        what = built["what"]
+        add(f"construct/cfg2: {what}, first in a fresh process",
+            built["median"]["first_s"], TARGET_S, unit="s")
+        add(f"construct/cfg2: {what}, again in the same process (warm)",
+            built["median"]["warm_s"], TARGET_S, unit="s")
     return out
 
 
@@ -462,7 +492,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_OUT,
                         help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--first-call-runs", type=int, default=None,
-                        help="fresh subprocesses for the first-call time (default 3, quick 1)")
+                        help="fresh subprocesses per mode for the first-call and construction "
+                             "times (default 3, quick 1)")
     parser.add_argument("--list", action="store_true", help="list the case names and exit")
     parser.add_argument("--small-loop-kernels", action="store_true",
                         help="run with jax_impl.enable_small_loop_kernels() (an opt-in XLA:CPU "
@@ -492,7 +523,7 @@ def main(argv=None) -> int:
         return 0
 
     cases = build_cases(args.quick)
-    extra = ["stream/ragged", "first_call/cfg1"]
+    extra = ["stream/ragged", "first_call/cfg1", "construct/cfg2"]
     names = [c.name for c in cases] + extra
     if args.list:
         print("\n".join(names))
@@ -601,6 +632,14 @@ def main(argv=None) -> int:
         print(f"\n== first_call/cfg1 ({runs} fresh subprocess(es) per mode)", flush=True)
         results["first_call"] = {mode: measure(mode, "cfg1", runs) for mode in
                                  ("cold", "after_init")}
+    if selected("construct/cfg2"):
+        from .construct import MODES  # noqa: PLC0415
+        from .construct import measure as measure_construct  # noqa: PLC0415
+
+        runs = args.first_call_runs or (1 if args.quick else 3)
+        print(f"\n== construct/cfg2 (eager construction, {runs} fresh subprocess(es) per mode)",
+              flush=True)
+        results["construct"] = {mode: measure_construct(mode, "cfg2", runs) for mode in MODES}
 
     # The peak again at the end: the box is shared, say how much it moved.
     peak_end = run_case(peak_case)

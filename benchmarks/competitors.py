@@ -8,6 +8,11 @@ side's natural one: torch batch-first ``(B, T, F)`` / ``(B, T, C, H, W)``, JAX `
   final carry, variables passed as arguments (not baked in as constants).
 * forward+backward: loss = sum of the output sequence; gradients with respect to every
   parameter and the input, on both sides (``torch.autograd.grad`` / ``jax.grad`` under jit).
+* the NNX modules (``jax_impl.nnx``) hold the Linen competitor's weights and run the NNX way:
+  ``nnx.jit`` of a function taking the module (``nnx.grad`` with respect to its ``nnx.Param``
+  state and the input for fwdbwd); and, as the fast path Flax's performance guide gives,
+  ``nnx.split`` once, then ``jax.jit`` of a function calling ``nnx.merge``. Both are checked
+  to compute exactly what the Linen competitor does before anything is timed.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flax import linen as nn
+from flax import nnx
 
 import jax_impl
+import jax_impl.nnx as jax_nnx
 
 from .configs import ConvLSTMConfig, LSTMConfig
 from .timing import Competitor
@@ -48,6 +55,17 @@ FLAX_RNN = "flax SimpleCell"
 SAME_TORCH_LSTM = "torch.nn.LSTM (same shape)"
 SAME_TORCH_LSTM_1T = "torch.nn.LSTM (same shape, 1 thread)"
 SAME_JAX_LSTM = "jax_impl.LSTM (same shape)"
+# the NNX modules: nnx.jit of a function taking the module (the form the target is about), and
+# split once + jax.jit of a function that merges (Flax's fast path)
+JAX_NNX_LSTM = "jax_impl.nnx.LSTM"
+JAX_NNX_GRU = "jax_impl.nnx.GRU"
+JAX_NNX_RNN = "jax_impl.nnx.RNN"
+JAX_NNX_CONV = "jax_impl.nnx.ConvLSTM"
+SPLIT_MERGE = " (split/merge, jax.jit)"
+JAX_NNX_LSTM_SM = JAX_NNX_LSTM + SPLIT_MERGE
+JAX_NNX_GRU_SM = JAX_NNX_GRU + SPLIT_MERGE
+JAX_NNX_RNN_SM = JAX_NNX_RNN + SPLIT_MERGE
+JAX_NNX_CONV_SM = JAX_NNX_CONV + SPLIT_MERGE
 TORCH_CONV = "torch_impl.ConvLSTM2d"
 TORCH_CONV_1T = "torch_impl.ConvLSTM2d (1 thread)"
 TORCH_NAIVE = "torch naive loop"
@@ -111,6 +129,89 @@ def _jax_runner(apply: Callable, variables: Any, x: jax.Array, pass_name: str,
     return run
 
 
+def _nnx_runners(module: nnx.Module, x: jax.Array, pass_name: str,
+                 output: Callable[[Any], jax.Array]) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``(idiomatic, split/merge)`` runs of ``module(x)``: the NNX counterparts of
+    ``_jax_runner``, differentiating the same things (every ``nnx.Param`` and the input)."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def merged(p):
+        return nnx.merge(graphdef, p, rest)
+
+    if pass_name == "fwd":
+        f = nnx.jit(lambda m, xx: m(xx))
+        f_sm = jax.jit(lambda p, xx: merged(p)(xx))
+
+        def run():
+            return block(f(module, x))
+
+        def run_sm():
+            return block(f_sm(params, x))
+        return run, run_sm
+
+    def loss(m, xx):
+        return jnp.sum(output(m(xx)))
+
+    g = nnx.jit(lambda m, xx: nnx.grad(loss, argnums=(0, 1))(m, xx))
+    g_sm = jax.jit(jax.grad(lambda p, xx: loss(merged(p), xx), argnums=(0, 1)))
+
+    def run():
+        return block(g(module, x))
+
+    def run_sm():
+        return block(g_sm(params, x))
+    return run, run_sm
+
+
+def _by_path(result: Any, pass_name: str) -> dict[str, np.ndarray]:
+    """A runner's result as path -> array, the same paths for Linen and NNX: forward
+    ``(y, carry)``; forward+backward ``(parameter gradients, input gradient)`` with the
+    parameters as Linen's ``params`` dict (NNX's ``nnx.State`` converted)."""
+    if pass_name != "fwd":
+        grads, dx = result
+        grads = nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads["params"]
+        result = (grads, dx)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(result)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def check_same_result(reference: Any, other: Any, pass_name: str, what: str) -> None:
+    """Raises unless ``other`` holds exactly (bit for bit) the arrays ``reference`` holds at
+    the same paths: two competitors timed against each other must compute the same thing."""
+    a, b = _by_path(reference, pass_name), _by_path(other, pass_name)
+    if a.keys() != b.keys():
+        raise RuntimeError(f"{what}: result paths differ: {sorted(a.keys() ^ b.keys())}")
+    for path, value in a.items():
+        if value.shape != b[path].shape or value.dtype != b[path].dtype:
+            raise RuntimeError(f"{what}: {path} is {b[path].dtype}{b[path].shape}, expected "
+                               f"{value.dtype}{value.shape}")
+        if not np.array_equal(value, b[path]):
+            diff = float(np.max(np.abs(value.astype(np.float64) - b[path])))
+            raise RuntimeError(f"{what}: {path} differs from the Linen result (max |diff| "
+                               f"{diff:.3g}); refusing to time two different computations")
+
+
+def nnx_competitors(module: nnx.Module, variables: Any, x: jax.Array, pass_name: str,
+                    linen_run: Callable[[], Any], names: tuple[str, str], note: str,
+                    output: Callable[[Any], jax.Array]) -> list[Competitor]:
+    """The NNX module ``module`` given the Linen competitor's ``variables``, run both NNX ways
+    (``names``: idiomatic, split/merge); each checked once against ``linen_run()``'s result.
+
+    The check calls the runners themselves, so their compilation (and the Linen runner's)
+    happens here, at build time, not in the first warm-up round.
+    """
+    jax_nnx.load_linen_params(module, variables)
+    run, run_sm = _nnx_runners(module, x, pass_name, output)
+    reference = linen_run()
+    for name, r in zip(names, (run, run_sm)):
+        check_same_result(reference, r(), pass_name, name)
+    return [
+        Competitor(names[0], "jax", run, note=f"{note}, nnx.jit, outputs bitwise = Linen's"),
+        Competitor(names[1], "jax", run_sm,
+                   note=f"{note}, nnx.split once + jax.jit(merge), outputs bitwise = Linen's"),
+    ]
+
+
 # ---------------------------------------------------------------------- LSTM, GRU, RNN
 
 
@@ -145,17 +246,25 @@ FlaxLSTMStack = FlaxStack  # the LSTM-only suite's name
 # W_hn h + b_hn) but six separate (H-wide) matmuls per step; SimpleCell is the Elman RNN.
 DENSE = {
     "lstm": dict(torch=torch.nn.LSTM, jax=jax_impl.LSTM, flax=nn.OptimizedLSTMCell,
-                 names=(TORCH_LSTM, TORCH_LSTM_1T, JAX_LSTM, FLAX_LSTM)),
+                 nnx=jax_nnx.LSTM, names=(TORCH_LSTM, TORCH_LSTM_1T, JAX_LSTM, FLAX_LSTM),
+                 nnx_names=(JAX_NNX_LSTM, JAX_NNX_LSTM_SM)),
     "gru": dict(torch=torch.nn.GRU, jax=jax_impl.GRU, flax=nn.GRUCell,
-                names=(TORCH_GRU, TORCH_GRU_1T, JAX_GRU, FLAX_GRU)),
+                nnx=jax_nnx.GRU, names=(TORCH_GRU, TORCH_GRU_1T, JAX_GRU, FLAX_GRU),
+                nnx_names=(JAX_NNX_GRU, JAX_NNX_GRU_SM)),
     "rnn_tanh": dict(torch=torch.nn.RNN, jax=jax_impl.RNN, flax=nn.SimpleCell,
-                     names=(TORCH_RNN, TORCH_RNN_1T, JAX_RNN, FLAX_RNN)),
+                     nnx=jax_nnx.RNN, names=(TORCH_RNN, TORCH_RNN_1T, JAX_RNN, FLAX_RNN),
+                     nnx_names=(JAX_NNX_RNN, JAX_NNX_RNN_SM)),
 }
 
 
 def dense_names(cell: str) -> tuple[str, str, str, str]:
     """``(torch, torch 1 thread, jax_impl, flax)`` competitor names of a cell type."""
     return DENSE[cell]["names"]
+
+
+def dense_nnx_names(cell: str) -> tuple[str, str]:
+    """``(nnx.jit, split/merge)`` names of a cell type's NNX competitors."""
+    return DENSE[cell]["nnx_names"]
 
 
 def _torch_dense(cfg: LSTMConfig, input_size: int) -> torch.nn.Module:
@@ -174,6 +283,16 @@ def _jax_dense(cfg: LSTMConfig) -> nn.Module:
     if cfg.cell.startswith("rnn_"):
         kwargs["nonlinearity"] = cfg.cell[4:]
     return DENSE[cfg.cell]["jax"](cfg.hidden_size, **kwargs)
+
+
+def _nnx_dense(cfg: LSTMConfig) -> nnx.Module:
+    kwargs = dict(bidirectional=cfg.bidirectional)
+    if cfg.proj_size:
+        kwargs["proj_size"] = cfg.proj_size
+    if cfg.cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cfg.cell[4:]
+    return DENSE[cfg.cell]["nnx"](cfg.input_size, cfg.hidden_size, cfg.num_layers,
+                                  rngs=nnx.Rngs(0), **kwargs)
 
 
 def torch_rnn_kernel(cfg: LSTMConfig, pass_name: str) -> str:
@@ -206,8 +325,9 @@ def torch_lstm_kernel(cfg: LSTMConfig, pass_name: str) -> str:
 
 
 def dense_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
-    """torch (default threads: the reference; 1 thread), jax_impl and Flax's own cell under
-    ``nn.RNN`` for an LSTM, GRU or RNN configuration.
+    """torch (default threads: the reference; 1 thread), jax_impl (Linen), jax_impl.nnx (two
+    ways, see ``nnx_competitors``) and Flax's own cell under ``nn.RNN`` for an LSTM, GRU or
+    RNN configuration.
 
     For a GRU or RNN forward pass the LSTM of the same shape runs in the same rounds too (torch
     on both thread counts, jax_impl), so that the cell's ratio is compared with the LSTM's
@@ -236,6 +356,9 @@ def dense_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
         Competitor(torch_1t_name, "torch", run_torch, before=before, after=after, note=kernel),
         Competitor(jax_name, "jax", run_jax, note="jit"),
     ]
+    out += nnx_competitors(_nnx_dense(cfg), variables, xj, pass_name, run_jax,
+                           dense_nnx_names(cfg.cell), note="Linen's weights",
+                           output=lambda r: r[0])
     if cfg.proj_size == 0:
         flax_model = FlaxStack(cfg.hidden_size, cfg.num_layers, cfg.bidirectional,
                                cell=DENSE[cfg.cell]["flax"])
@@ -355,10 +478,13 @@ def convlstm_competitors(cfg: ConvLSTMConfig, pass_name: str) -> list[Competitor
     xj = jnp.asarray(np.ascontiguousarray(x_np.transpose(0, 1, 3, 4, 2)))  # NHWC
     model = jax_impl.ConvLSTM(cfg.hidden_channels, cfg.kernel, num_layers=cfg.num_layers)
     variables = model.init(jax.random.key(0), xj)
-    out.append(Competitor(
-        JAX_CONV, "jax", _jax_runner(model.apply, variables, xj, pass_name, lambda r: r[0]),
-        note="NHWC, jit",
-    ))
+    run_jax = _jax_runner(model.apply, variables, xj, pass_name, lambda r: r[0])
+    out.append(Competitor(JAX_CONV, "jax", run_jax, note="NHWC, jit"))
+    nnx_model = jax_nnx.ConvLSTM(cfg.in_channels, cfg.hidden_channels, cfg.kernel,
+                                 cfg.num_layers, rngs=nnx.Rngs(0))
+    out += nnx_competitors(nnx_model, variables, xj, pass_name, run_jax,
+                           (JAX_NNX_CONV, JAX_NNX_CONV_SM), note="NHWC, Linen's weights",
+                           output=lambda r: r[0])
 
     flax_model = FlaxConvLSTMStack(cfg.hidden_channels, cfg.kernel, cfg.num_layers)
     flax_vars = flax_model.init(jax.random.key(0), xj)

@@ -84,11 +84,13 @@ def targets_table(results: dict) -> str:
 
 
 def pairs_table(results: dict) -> str:
-    lines = ["| case | ratio (paired median) |", "|---|---:|"]
+    lines = ["| case | ratio (paired median) | IQR |", "|---|---:|---|"]
     for case in results["cases"]:
         for key, pair in case.get("pairs", {}).items():
             mark = "" if pair.get("paired", True) else " (ratio of medians†)"
-            lines.append(f"| {case['name']}: {key} | {_f(pair['median'], '.3f')}{mark} |")
+            iqr = pair.get("iqr")
+            iqr = f"{iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
+            lines.append(f"| {case['name']}: {key} | {_f(pair['median'], '.3f')}{mark} | {iqr} |")
     return "\n".join(lines)
 
 
@@ -145,6 +147,19 @@ def markdown(results: dict) -> str:
             med = m["median"]
             out.append(f"| {mode} | {med['first_call_s']:.3f} | {med['second_call_s']:.4f} | "
                        f"{med['import_s']:.2f} | {_f(med.get('init_s'), '.3f')} | {m['runs']} |")
+    built = results.get("construct")
+    if built:
+        out += ["", "## Eager construction (fresh process, cfg2 sizes)", "",
+                "| mode | what | first s | warm s (median) | backend start s | import s | runs |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for mode, m in built.items():
+            if "median" not in m:
+                out.append(f"| {mode} | failed | | | | | |")
+                continue
+            med = m["median"]
+            out.append(f"| {mode} | `{m['what']}` | {med['first_s']:.3f} | {med['warm_s']:.4f} | "
+                       f"{_f(med.get('backend_s'), '.3f')} | {med['import_s']:.2f} | "
+                       f"{m['runs']} |")
     errors = [(c["name"], k, v) for c in results["cases"] for k, v in c.get("errors", {}).items()]
     if errors:
         out += ["", "## Errors", ""] + [f"- {c} / {k}: `{v}`" for c, k, v in errors]
@@ -157,7 +172,7 @@ def ratios_png(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    palette = {"jax_impl": "#1f77b4", "flax": "#ff7f0e"}
+    palette = {"jax_impl": "#1f77b4", "flax": "#ff7f0e", "nnx": "#2ca02c"}
     bars = []  # (case, row, ratio, estimated)
     for case in results["cases"]:
         if case["family"] not in JAX_FAMILIES:
@@ -172,7 +187,8 @@ def ratios_png(results: dict, path: Path) -> None:
     labels = [f"{c['config']} {c['pass']} · {r['name']}" + (" (est.)" if e else "")
               for c, r, _, e in bars]
     values = [v for _, _, v, _ in bars]
-    colors = [palette["flax" if r["name"].startswith("flax") else "jax_impl"]
+    colors = [palette["flax" if r["name"].startswith("flax") else
+                      "nnx" if r["name"].startswith("jax_impl.nnx") else "jax_impl"]
               for _, r, _, _ in bars]
     targets = {(t["case"], t["num"], t["den"]): t["bound"] for t in results.get("targets", [])
                if t.get("case")}
@@ -189,7 +205,9 @@ def ratios_png(results: dict, path: Path) -> None:
             ax.plot([bound, bound], [yi - 0.4, yi + 0.4], color="red", lw=1.5)
     ax.axvline(1.0, color="black", lw=1)
     if values:
-        ax.set_xlim(right=max(max(values), 1.0) * 2.0)
+        # an explicit left end: bars start at 0, which a log axis would otherwise stretch to
+        # its smallest float, drawing every bar the same length
+        ax.set_xlim(left=min(min(values), 1.0) / 2.0, right=max(max(values), 1.0) * 2.0)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
@@ -200,6 +218,7 @@ def ratios_png(results: dict, path: Path) -> None:
     from matplotlib.patches import Patch  # noqa: PLC0415
 
     ax.legend(handles=[Patch(color=palette["jax_impl"], label="jax_impl"),
+                       Patch(color=palette["nnx"], label="jax_impl.nnx"),
                        Patch(color=palette["flax"], label="Flax Linen")], fontsize=7,
               loc="lower right")
     fig.tight_layout()

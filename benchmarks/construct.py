@@ -1,0 +1,120 @@
+"""Eager construction of ``jax_impl.nnx.LSTM`` at a configuration's sizes (cfg2 in the suite),
+against ``torch.nn.LSTM``'s (its uniform initialisation is the reference), in fresh processes.
+
+Run by the suite as ``python -m benchmarks.construct --mode MODE`` in a subprocess; prints one
+JSON line. Modes:
+
+* ``nnx``: ``jax_impl.nnx.LSTM(I, H, L, rngs=nnx.Rngs(0))`` right after the imports, nothing
+  run by JAX before: the first construction pays what a user's first model does (JAX's
+  backend start, the compilation of the key derivation behind ``rngs.params()``); then
+  ``--warm`` more constructions in the same process.
+* ``nnx_backend_up``: the same after one tiny JAX computation (timed apart as
+  ``backend_s``), so the backend's share of the first construction shows.
+* ``torch``: ``torch.nn.LSTM(I, H, L, batch_first=True)``, first and warm, the same way.
+
+A construction is timed until its parameters exist: JAX's are blocked on
+(``jax.block_until_ready``); torch's ``uniform_`` is synchronous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .configs import LSTMConfig, find_lstm
+
+NNX_COLD, NNX_BACKEND_UP, TORCH = "nnx", "nnx_backend_up", "torch"
+MODES = (NNX_COLD, NNX_BACKEND_UP, TORCH)
+TARGET_S = 0.5  # issue 14: an eager construction at cfg2 under half a second
+WARM = 10
+
+
+def _child(mode: str, config: str, warm: int) -> dict:
+    cfg: LSTMConfig = find_lstm(config)
+    sizes = (cfg.input_size, cfg.hidden_size, cfg.num_layers)
+    out: dict = {"mode": mode, "config": config}
+    t0 = time.perf_counter()
+    if mode == TORCH:
+        import torch  # noqa: PLC0415
+
+        out["import_s"] = time.perf_counter() - t0
+        out["what"] = "torch.nn.LSTM({}, {}, {}, batch_first=True)".format(*sizes)
+
+        def build():
+            return torch.nn.LSTM(*sizes, batch_first=True)
+    else:
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+        from flax import nnx  # noqa: PLC0415
+
+        import jax_impl.nnx  # noqa: PLC0415
+
+        out["import_s"] = time.perf_counter() - t0
+        out["what"] = "jax_impl.nnx.LSTM({}, {}, {}, rngs=nnx.Rngs(0))".format(*sizes)
+        if mode == NNX_BACKEND_UP:
+            t1 = time.perf_counter()
+            jax.block_until_ready(jnp.zeros(()) + 1)
+            out["backend_s"] = time.perf_counter() - t1
+
+        def build():
+            module = jax_impl.nnx.LSTM(*sizes, rngs=nnx.Rngs(0))
+            jax.block_until_ready(nnx.state(module))
+            return module
+
+    t2 = time.perf_counter()
+    build()
+    out["first_s"] = time.perf_counter() - t2
+    times = []
+    for _ in range(warm):
+        t3 = time.perf_counter()
+        build()
+        times.append(time.perf_counter() - t3)
+    out["warm_all_s"] = times
+    out["warm_s"] = statistics.median(times)
+    return out
+
+
+def measure(mode: str, config: str = "cfg2", runs: int = 3, warm: int = WARM,
+            log=print) -> dict:
+    """Runs the child ``runs`` times; returns every run and the medians over runs."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    samples = []
+    for _ in range(runs):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.construct", "--mode", mode, "--config", config,
+             "--warm", str(warm)],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        )
+        if proc.returncode != 0:
+            return {"mode": mode, "error": proc.stderr[-2000:], "samples": samples}
+        samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"    construct ({mode}): first {samples[-1]['first_s']:.3f} s, warm "
+            f"{samples[-1]['warm_s']:.4f} s")
+    keys = [k for k in samples[0] if k.endswith("_s") and k != "warm_all_s"]
+    med = {k: statistics.median(s[k] for s in samples) for k in keys}
+    return {"mode": mode, "config": config, "what": samples[0]["what"], "runs": runs,
+            "warm": warm, "samples": samples, "median": med}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default=NNX_COLD)
+    parser.add_argument("--config", default="cfg2")
+    parser.add_argument("--warm", type=int, default=WARM,
+                        help="constructions after the first, in the same process")
+    args = parser.parse_args(argv)
+    print(json.dumps(_child(args.mode, args.config, args.warm)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
