@@ -341,19 +341,11 @@ def dense_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
     xt = torch.from_numpy(x_np)
     xj = jnp.asarray(x_np)
 
-    torch.manual_seed(0)
-    module = _torch_dense(cfg, cfg.input_size)
-    run_torch = _torch_runner(lambda x: module(x)[0], xt, list(module.parameters()), pass_name)
-    kernel = torch_rnn_kernel(cfg, pass_name)
-    before, after = one_thread()
-
     model = _jax_dense(cfg)
     variables = model.init(jax.random.key(0), xj)
     run_jax = _jax_runner(model.apply, variables, xj, pass_name, output=lambda r: r[0])
 
-    out = [
-        Competitor(torch_name, "torch", run_torch, note=kernel),
-        Competitor(torch_1t_name, "torch", run_torch, before=before, after=after, note=kernel),
+    out = _torch_dense_pair(cfg, xt, pass_name, torch_name, torch_1t_name) + [
         Competitor(jax_name, "jax", run_jax, note="jit"),
     ]
     out += nnx_competitors(_nnx_dense(cfg), variables, xj, pass_name, run_jax,
@@ -367,21 +359,26 @@ def dense_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:
         out.append(Competitor(flax_name, "jax", run_flax, note="nn.RNN, jit"))
     if cfg.cell != "lstm" and pass_name == "fwd":
         lstm_cfg = dataclasses.replace(cfg, cell="lstm")
-        torch.manual_seed(0)
-        lstm = _torch_dense(lstm_cfg, cfg.input_size)
-        run_lstm = _torch_runner(lambda x: lstm(x)[0], xt, list(lstm.parameters()), pass_name)
-        lstm_kernel = torch_rnn_kernel(lstm_cfg, pass_name)
-        b1, a1 = one_thread()
         jlstm = _jax_dense(lstm_cfg)
         run_jlstm = _jax_runner(jlstm.apply, jlstm.init(jax.random.key(0), xj), xj, pass_name,
                                 output=lambda r: r[0])
-        out += [
-            Competitor(SAME_TORCH_LSTM, "torch", run_lstm, note=lstm_kernel),
-            Competitor(SAME_TORCH_LSTM_1T, "torch", run_lstm, before=b1, after=a1,
-                       note=lstm_kernel),
-            Competitor(SAME_JAX_LSTM, "jax", run_jlstm, note="jit"),
-        ]
+        out += _torch_dense_pair(lstm_cfg, xt, pass_name, SAME_TORCH_LSTM, SAME_TORCH_LSTM_1T)
+        out.append(Competitor(SAME_JAX_LSTM, "jax", run_jlstm, note="jit"))
     return out
+
+
+def _torch_dense_pair(cfg: LSTMConfig, xt: torch.Tensor, pass_name: str, name: str,
+                      one_thread_name: str) -> list[Competitor]:
+    """The torch module of ``cfg`` (seed 0) at torch's thread count and on one thread."""
+    torch.manual_seed(0)
+    module = _torch_dense(cfg, cfg.input_size)
+    run = _torch_runner(lambda x: module(x)[0], xt, list(module.parameters()), pass_name)
+    kernel = torch_rnn_kernel(cfg, pass_name)
+    before, after = one_thread()
+    return [
+        Competitor(name, "torch", run, note=kernel),
+        Competitor(one_thread_name, "torch", run, before=before, after=after, note=kernel),
+    ]
 
 
 def lstm_competitors(cfg: LSTMConfig, pass_name: str) -> list[Competitor]:

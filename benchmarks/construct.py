@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from .configs import LSTMConfig, find_lstm
+from .first_call import medians, run_fresh
 
 NNX_COLD, NNX_BACKEND_UP, TORCH = "nnx", "nnx_backend_up", "torch"
 MODES = (NNX_COLD, NNX_BACKEND_UP, TORCH)
@@ -83,24 +81,14 @@ def _child(mode: str, config: str, warm: int) -> dict:
 def measure(mode: str, config: str = "cfg2", runs: int = 3, warm: int = WARM,
             log=print) -> dict:
     """Runs the child ``runs`` times; returns every run and the medians over runs."""
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    samples = []
-    for _ in range(runs):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.construct", "--mode", mode, "--config", config,
-             "--warm", str(warm)],
-            cwd=root, env=env, capture_output=True, text=True, timeout=600,
-        )
-        if proc.returncode != 0:
-            return {"mode": mode, "error": proc.stderr[-2000:], "samples": samples}
-        samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        log(f"    construct ({mode}): first {samples[-1]['first_s']:.3f} s, warm "
-            f"{samples[-1]['warm_s']:.4f} s")
-    keys = [k for k in samples[0] if k.endswith("_s") and k != "warm_all_s"]
-    med = {k: statistics.median(s[k] for s in samples) for k in keys}
+    samples, error = run_fresh(
+        "benchmarks.construct", ["--mode", mode, "--config", config, "--warm", str(warm)], runs,
+        lambda sample: (f"    construct ({mode}): first {sample['first_s']:.3f} s, warm "
+                        f"{sample['warm_s']:.4f} s"), log,
+    )
+    if error is not None:
+        return {"mode": mode, "error": error, "samples": samples}
+    med = medians(samples, [k for k in samples[0] if k.endswith("_s") and k != "warm_all_s"])
     return {"mode": mode, "config": config, "what": samples[0]["what"], "runs": runs,
             "warm": warm, "samples": samples, "median": med}
 

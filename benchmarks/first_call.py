@@ -74,24 +74,39 @@ def _child(mode: str, config: str) -> dict:
     return out
 
 
-def measure(mode: str, config: str = "cfg1", runs: int = 3, log=print) -> dict:
-    """Runs the child ``runs`` times; returns every run and the medians."""
+def run_fresh(module: str, arguments: list[str], runs: int, describe, log=print):
+    """``python -m module *arguments`` in ``runs`` fresh processes (JAX's compilation cache
+    off), each printing one JSON line last. Returns ``(samples, error)``: the parsed lines, and
+    the stderr tail of the first child that failed (None if none did). ``describe(sample)``
+    is logged after each run."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     samples = []
     for _ in range(runs):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.first_call", "--mode", mode, "--config", config],
-            cwd=root, env=env, capture_output=True, text=True, timeout=600,
-        )
+        proc = subprocess.run([sys.executable, "-m", module, *arguments], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            return {"mode": mode, "error": proc.stderr[-2000:], "samples": samples}
+            return samples, proc.stderr[-2000:]
         samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        log(f"    first call ({mode}): {samples[-1]['first_call_s']:.3f} s")
-    keys = [k for k in samples[0] if k.endswith("_s")]
-    med = {k: statistics.median(s[k] for s in samples) for k in keys}
+        log(describe(samples[-1]))
+    return samples, None
+
+
+def medians(samples: list[dict], keys) -> dict:
+    return {k: statistics.median(s[k] for s in samples) for k in keys}
+
+
+def measure(mode: str, config: str = "cfg1", runs: int = 3, log=print) -> dict:
+    """Runs the child ``runs`` times; returns every run and the medians."""
+    samples, error = run_fresh(
+        "benchmarks.first_call", ["--mode", mode, "--config", config], runs,
+        lambda sample: f"    first call ({mode}): {sample['first_call_s']:.3f} s", log,
+    )
+    if error is not None:
+        return {"mode": mode, "error": error, "samples": samples}
+    med = medians(samples, [k for k in samples[0] if k.endswith("_s")])
     return {"mode": mode, "config": config, "runs": runs, "samples": samples, "median": med}
 
 

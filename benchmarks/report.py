@@ -9,6 +9,19 @@ from pathlib import Path
 JAX_FAMILIES = ("lstm", "gru", "rnn", "convlstm")
 
 
+def _fresh_process_table(section, title: str, columns: list[str], cells) -> list[str]:
+    """A markdown table with a row per mode of a fresh-process measurement (``first_call``,
+    ``construct``): ``cells(entry, medians)``, or "failed" where the child failed."""
+    if not section:
+        return []
+    out = ["", f"## {title}", "", "| mode | " + " | ".join(columns) + " |",
+           "|---|" + "---:|" * len(columns)]
+    for mode, m in section.items():
+        row = cells(m, m["median"]) if "median" in m else ["failed"] + [""] * (len(columns) - 1)
+        out.append(f"| {mode} | " + " | ".join(str(c) for c in row) + " |")
+    return out
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -135,31 +148,18 @@ def markdown(results: dict) -> str:
         for r, v in rag["per_length"].items():
             out.append(f"| {r} | {v['bucket']} | {v['new_for_ragged_chunk']} | "
                        f"{v['new_for_second_ragged_chunk']} |")
-    fc = results.get("first_call")
-    if fc:
-        out += ["", "## First call (fresh process, cfg1 forward)", "",
-                "| mode | first call s | second call s | import s | init s | runs |",
-                "|---|---:|---:|---:|---:|---:|"]
-        for mode, m in fc.items():
-            if "median" not in m:
-                out.append(f"| {mode} | failed | | | | |")
-                continue
-            med = m["median"]
-            out.append(f"| {mode} | {med['first_call_s']:.3f} | {med['second_call_s']:.4f} | "
-                       f"{med['import_s']:.2f} | {_f(med.get('init_s'), '.3f')} | {m['runs']} |")
-    built = results.get("construct")
-    if built:
-        out += ["", "## Eager construction (fresh process, cfg2 sizes)", "",
-                "| mode | what | first s | warm s (median) | backend start s | import s | runs |",
-                "|---|---|---:|---:|---:|---:|---:|"]
-        for mode, m in built.items():
-            if "median" not in m:
-                out.append(f"| {mode} | failed | | | | | |")
-                continue
-            med = m["median"]
-            out.append(f"| {mode} | `{m['what']}` | {med['first_s']:.3f} | {med['warm_s']:.4f} | "
-                       f"{_f(med.get('backend_s'), '.3f')} | {med['import_s']:.2f} | "
-                       f"{m['runs']} |")
+    out += _fresh_process_table(
+        results.get("first_call"), "First call (fresh process, cfg1 forward)",
+        ["first call s", "second call s", "import s", "init s", "runs"],
+        lambda m, med: [f"{med['first_call_s']:.3f}", f"{med['second_call_s']:.4f}",
+                        f"{med['import_s']:.2f}", _f(med.get("init_s"), ".3f"), m["runs"]],
+    )
+    out += _fresh_process_table(
+        results.get("construct"), "Eager construction (fresh process, cfg2 sizes)",
+        ["what", "first s", "warm s (median)", "backend start s", "import s", "runs"],
+        lambda m, med: [f"`{m['what']}`", f"{med['first_s']:.3f}", f"{med['warm_s']:.4f}",
+                        _f(med.get("backend_s"), ".3f"), f"{med['import_s']:.2f}", m["runs"]],
+    )
     errors = [(c["name"], k, v) for c in results["cases"] for k, v in c.get("errors", {}).items()]
     if errors:
         out += ["", "## Errors", ""] + [f"- {c} / {k}: `{v}`" for c, k, v in errors]
