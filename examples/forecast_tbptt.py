@@ -42,7 +42,6 @@ class Forecaster(nn.Module):
         return nn.Dense(1, name="head")(y), carry
 
 
-
 def train_jax(model, variables, tx, xs, ys, steps):
     """TBPTT in JAX: returns the per-step losses and the predictions of the last pass."""
     step = jax_impl.make_tbptt_step(model, tx)

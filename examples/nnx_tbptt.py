@@ -39,7 +39,6 @@ class Forecaster(nnx.Module):
         return self.head(y), carry
 
 
-
 def main(argv=None) -> None:
     args = tbptt_arguments(__doc__, steps=48, chunk=16, chunks=4, hidden=16).parse_args(argv)
     start = time.perf_counter()

@@ -585,7 +585,6 @@ class ConvLSTM(_Recurrent):
     _weights_type = ConvWeights
     _unit, _input_argument = "channels", "input_channels"
 
-
     _linen_type = _linen.ConvLSTM
     _positional = ("hidden_channels", "kernel_size", "num_layers")
     _required = 2
@@ -711,7 +710,6 @@ class ConvLSTMCell(_Cell):
     """
 
     _unit, _input_argument = "channels", "input_channels"
-
 
     _linen_type = _linen.ConvLSTMCell
     _positional = ("hidden_channels", "kernel_size")

@@ -770,7 +770,6 @@ def _build_jax(prefix: str, config: dict, name: str) -> Any:
     return cls(**{k: _decode(v) for k, v in kwargs.items()})
 
 
-
 def load_converted(path: PathLike, *, target: Optional[str] = None) -> Converted:
     """Reads a file written by ``save_converted`` (or ``python -m parity convert``).
 

@@ -213,7 +213,6 @@ def _torch_table(spec, module) -> list[Piece]:
     return _table(spec.kind, "_l0", module.bias, dilation)
 
 
-
 def _at(tree: dict, path: Path) -> Any:
     for key in path:
         tree = tree[key]
